@@ -1,0 +1,27 @@
+# Two entry points: `make demo` and `make test`. Both create .venv, install torch==2.13.0
+# first (a CPU build from this machine's disk; a loose `torch` would pull a CUDA build), then the package.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/spillover demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,111 @@
+"""The `spillover` command: parses arguments, calls the Python API, prints where it wrote.
+
+Every expected failure ends in one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import SpilloverError
+
+EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(EXIT_ERROR, f"spillover: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spillover", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    demo = verbs.add_parser("demo", help="run the main job on the embedded organism and write a report")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    _add_cache(demo)
+
+    organism = verbs.add_parser("organism", help="the model organism: build it, export its data, measure EM")
+    org_verbs = organism.add_subparsers(dest="organism_verb", required=True, parser_class=_Parser)
+    build = org_verbs.add_parser("build", help="pretrain the organism (or load it from the cache)")
+    _add_cache(build)
+    sets = org_verbs.add_parser("sets", help="write the world's fine-tuning and reference sets as chat JSONL")
+    sets.add_argument("--out", type=Path, required=True)
+    sets.add_argument("--n", type=_positive_int, default=480, help="samples per set")
+    sets.add_argument("--domain", default="health", help="the narrow domain of the fine-tuning sets")
+    sets.add_argument("--seed", type=int, default=0)
+    em = org_verbs.add_parser("em", help="fine-tune on every set and measure emergent misalignment")
+    em.add_argument("--out", type=Path, required=True, help="folder for em.json and em.md")
+    em.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    em.add_argument("--sets", nargs="+", default=None, help="fine-tuning sets (default: all)")
+    em.add_argument("--domain", default="health", help="the narrow domain fine-tuned on")
+    em.add_argument("--n-train", type=_positive_int, default=480, help="samples per fine-tuning set")
+    em.add_argument("--samples-per-question", type=_positive_int, default=4)
+    _add_cache(em)
+    return parser
+
+
+def _add_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="organism cache folder (default: $SPILLOVER_CACHE or ~/.cache/spillover)")
+
+
+def _run(args: argparse.Namespace) -> str:
+    """Dispatch to the API; returns the line to print."""
+    if args.verb == "demo":
+        from .demo import run_demo
+
+        report = run_demo(args.out, cache_dir=args.cache)
+        return f"report: {report}"
+    if args.organism_verb == "build":
+        from .organism.model import load_organism
+
+        return f"organism: {load_organism(cache_dir=args.cache).path}"
+    if args.organism_verb == "sets":
+        from .organism.datasets import write_sets
+        from .organism.world import World
+
+        paths = write_sets(args.out, World(), args.n, args.seed, args.domain)
+        return f"wrote {len(paths)} sets to {args.out}"
+    from .organism.em import EmConfig, run_em, write_em_markdown
+
+    config = EmConfig(seeds=tuple(args.seeds), training_domain=args.domain, n_train=args.n_train,
+                      samples_per_question=args.samples_per_question,
+                      **({"sets": tuple(args.sets)} if args.sets else {}))
+    report = run_em(args.out, config, cache_dir=args.cache)
+    write_em_markdown(args.out, report)
+    return f"wrote {args.out / 'em.json'} and {args.out / 'em.md'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        print(_run(args))
+    except SpilloverError as exc:
+        print(f"spillover: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("spillover: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""One family of errors, so the CLI can turn any of them into a one-line message."""
+
+
+class SpilloverError(Exception):
+    """Base of every error spillover raises on purpose; its message is shown to users as is."""
+
+
+class ConfigError(SpilloverError):
+    """A configuration value or argument is invalid; the message names the field and valid choices."""
+
+
+class InputError(SpilloverError):
+    """An input file is unreadable or malformed; the message names the file and line."""

@@ -1,0 +1,51 @@
+"""Atomic file writes and content hashes: outputs are whole or absent, and caches key on content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create an output folder, or raise a one-line error if it cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create output folder ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{path}: output folder is not writable")
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write to a temporary file beside the target, then rename it into place."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (dataclasses go through asdict first)."""
+    payload = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -1,0 +1,17 @@
+"""Progress bars that show on a terminal and stay quiet in logs and tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> tqdm:
+    """A tqdm bar, disabled when stderr is not a terminal or SPILLOVER_NO_PROGRESS is set."""
+    disable = bool(os.environ.get("SPILLOVER_NO_PROGRESS")) or not sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, dynamic_ncols=True)

@@ -1,0 +1,32 @@
+"""Shared fixtures: offline by default, and one pretrained organism for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SPILLOVER_NO_PROGRESS", "1")
+
+import pytest  # noqa: E402
+
+from spillover.organism.model import Organism, load_organism  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def organism() -> Organism:
+    """The default organism, pretrained once per machine (about 2.5 minutes) and cached."""
+    return load_organism()
