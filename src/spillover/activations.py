@@ -1,0 +1,236 @@
+"""Per-sample activations: residual streams (and their SAE features) pooled over a sample's tokens.
+
+Samples are batched by length (little padding), the forward pass stops after the deepest layer
+asked for, and results are streamed to disk in shards beside a manifest, so a cut-off run
+resumes where it stopped and a finished one is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .data import ChatSample, EncodedChat, encode_chats
+from .errors import ConfigError
+from .io import atomic_write_json, ensure_dir, stable_hash
+from .lm import check_layers, residuals
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    layers: tuple[int, ...]
+    """Blocks whose output (residual stream) is read; see spillover.lm for the convention."""
+    tokens: Literal["assistant", "all"] = "assistant"
+    """Pool over the assistant's tokens (the paper's choice) or over every token."""
+    token_budget: int = 16384
+    """Padded tokens per forward batch; batches are formed from samples of similar length."""
+    max_length: int = 1024
+    shard_size: int = 4096
+    """Samples per shard on disk: the unit of resumption."""
+
+    def __post_init__(self) -> None:
+        if self.tokens not in ("assistant", "all"):
+            raise ConfigError(f"collect.tokens: {self.tokens!r}; choose 'assistant' or 'all'")
+        if self.token_budget < 1 or self.shard_size < 1 or self.max_length < 1:
+            raise ConfigError("collect.token_budget, shard_size and max_length must be at least 1")
+
+
+@dataclass(frozen=True)
+class PooledActivations:
+    """Mean and max over each sample's selected tokens, per layer; SAE features when an SAE was given."""
+
+    ids: tuple[str, ...]
+    layers: tuple[int, ...]
+    tensors: dict[str, torch.Tensor]
+    """Keys: `resid_mean.L`, `resid_max.L` [n, d]; `feat_mean.L`, `feat_max.L` [n, d_sae]; `n_tokens` [n]."""
+
+    def resid_mean(self, layer: int) -> torch.Tensor:
+        return self.tensors[f"resid_mean.{layer}"]
+
+    def feat_mean(self, layer: int) -> torch.Tensor:
+        return self.tensors[f"feat_mean.{layer}"]
+
+    def feat_max(self, layer: int) -> torch.Tensor:
+        return self.tensors[f"feat_max.{layer}"]
+
+
+def _token_mask(encoded: EncodedChat, tokens: str, max_length: int) -> list[bool]:
+    mask = encoded.assistant_mask if tokens == "assistant" else [True] * len(encoded.input_ids)
+    return mask[:max_length]
+
+
+def length_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped so that longest * count stays within the budget, shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and lengths[i] * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad_batch(batch: list[EncodedChat], masks: list[list[bool]], pad_id: int, max_length: int):
+    """Right-padded ids, attention mask, and the mask of tokens to read."""
+    width = min(max(len(item.input_ids) for item in batch), max_length)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    select = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, (item, mask) in enumerate(zip(batch, masks)):
+        ids = item.input_ids[:max_length]
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        select[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    return input_ids, attention, select
+
+
+def _pool_batch(model, batch: list[EncodedChat], masks: list[list[bool]], layers: tuple[int, ...],
+                saes: dict[int, Encoder], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    input_ids, attention, select = _pad_batch(batch, masks, pad_id, max_length)
+    streams = residuals(model, input_ids.to(device), attention.to(device), layers)
+    select = select.to(device)
+    counts = select.sum(dim=1).clamp(min=1)
+    out: dict[str, torch.Tensor] = {"n_tokens": select.sum(dim=1).cpu()}
+    for layer in layers:
+        x = streams[layer].float()
+        out.update(_masked_pools(x, select, counts, "resid", layer))
+        if layer in saes:
+            flat = saes[layer].encode(x[select])  # only the selected tokens go through the SAE
+            f = torch.zeros((*select.shape, flat.shape[-1]), dtype=flat.dtype, device=flat.device)
+            f[select] = flat
+            out.update(_masked_pools(f, select, counts, "feat", layer))
+    return out
+
+
+def _masked_pools(x: torch.Tensor, select: torch.Tensor, counts: torch.Tensor, name: str, layer: int):
+    keep = select.unsqueeze(-1)
+    mean = (x * keep).sum(dim=1) / counts.unsqueeze(-1)
+    peak = x.masked_fill(~keep, float("-inf")).amax(dim=1)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # samples with no selected token
+    return {f"{name}_mean.{layer}": mean.cpu(), f"{name}_max.{layer}": peak.cpu()}
+
+
+def _collect_shard(model, tokenizer, samples: Sequence[ChatSample], config: CollectConfig,
+                   saes: dict[int, Encoder]) -> dict[str, torch.Tensor]:
+    encoded = encode_chats(tokenizer, [s.messages for s in samples])
+    masks = [_token_mask(e, config.tokens, config.max_length) for e in encoded]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    parts: dict[str, list[torch.Tensor]] = {}
+    order: list[int] = []
+    for indices in length_batches([len(m) for m in masks], config.token_budget):
+        pooled = _pool_batch(model, [encoded[i] for i in indices], [masks[i] for i in indices],
+                             config.layers, saes, pad_id, config.max_length)
+        for key, value in pooled.items():
+            parts.setdefault(key, []).append(value)
+        order += indices
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return {key: torch.cat(values)[inverse].contiguous() for key, values in parts.items()}
+
+
+def collect(model, tokenizer, samples: Sequence[ChatSample], config: CollectConfig,
+            saes: dict[int, Encoder] | None = None, out_dir: str | Path | None = None) -> PooledActivations:
+    """Pool activations of every sample; with `out_dir`, shards are saved and reused on rerun."""
+    saes = saes or {}
+    config = dataclasses.replace(config, layers=check_layers(model, config.layers))
+    unknown = sorted(set(saes) - set(config.layers))
+    if unknown:
+        raise ConfigError(f"SAEs were given for layers {unknown} that are not collected ({list(config.layers)})")
+    shards = [samples[i : i + config.shard_size] for i in range(0, len(samples), config.shard_size)]
+    store = _ShardStore(Path(out_dir), _manifest_key(model, samples, config, saes)) if out_dir else None
+    results = []
+    for index, shard in enumerate(progress(shards, desc="collecting activations")):
+        cached = store.load(index) if store else None
+        if cached is None:
+            cached = _collect_shard(model, tokenizer, shard, config, saes)
+            if store:
+                store.save(index, cached, len(shards))
+        results.append(cached)
+    tensors = {key: torch.cat([r[key] for r in results]) for key in results[0]} if results else {}
+    return PooledActivations(tuple(s.id for s in samples), config.layers, tensors)
+
+
+def _manifest_key(model, samples: Sequence[ChatSample], config: CollectConfig, saes: dict[int, Encoder]) -> dict:
+    """What the shards depend on; a change in any of it makes the shards stale."""
+    params = list(model.parameters())
+    return {
+        "config": dataclasses.asdict(config),
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model_fingerprint": [_fingerprint(p) for p in params[:: max(1, len(params) // 8)]],
+        "samples_sha256": stable_hash([[s.id, list(s.messages)] for s in samples]),
+        "saes": {str(layer): _fingerprint(sae.W_enc) if hasattr(sae, "W_enc") else type(sae).__name__
+                 for layer, sae in saes.items()},
+    }
+
+
+class _ShardStore:
+    """Shards as safetensors files plus a manifest; a manifest from other inputs starts afresh."""
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder = ensure_dir(folder)
+        self.key = json.loads(json.dumps(key))  # as it reads back from disk (tuples become lists)
+        self.manifest_path = folder / "activations.json"
+        manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+        same_inputs = manifest is not None and manifest.get("key") == self.key
+        self.done: set[int] = set(manifest["shards_done"]) if same_inputs else set()
+        if manifest is not None and not same_inputs:
+            log.info("%s holds activations of other inputs; collecting afresh", folder)
+
+    def load(self, index: int) -> dict[str, torch.Tensor] | None:
+        path = self.folder / f"shard-{index:05d}.safetensors"
+        return load_file(path) if index in self.done and path.exists() else None
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], total: int) -> None:
+        path = self.folder / f"shard-{index:05d}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, tmp)
+        tmp.replace(path)
+        self.done.add(index)
+        atomic_write_json(self.manifest_path, {"key": self.key, "shards_done": sorted(self.done),
+                                               "shards_total": total, "spillover_version": __version__})
+
+
+def _fingerprint(tensor: torch.Tensor) -> str:
+    return stable_hash([float(tensor.detach().float().sum()), list(tensor.shape)])
+
+
+@torch.no_grad()
+def collect_tokens(model, tokenizer, samples: Sequence[ChatSample], layer: int, tokens: str = "all",
+                   max_tokens: int = 200_000, token_budget: int = 16384, max_length: int = 1024) -> torch.Tensor:
+    """Token-level residuals at one layer, [n_tokens, d], e.g. to train an SAE on."""
+    check_layers(model, [layer])
+    encoded = encode_chats(tokenizer, [s.messages for s in samples])
+    masks = [_token_mask(e, tokens, max_length) for e in encoded]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    total = 0
+    for indices in length_batches([len(m) for m in masks], token_budget):
+        input_ids, attention, select = _pad_batch([encoded[i] for i in indices], [masks[i] for i in indices],
+                                                  pad_id, max_length)
+        stream = residuals(model, input_ids.to(device), attention.to(device), [layer])[layer]
+        rows.append(stream[select.to(device)].float().cpu())
+        total += rows[-1].shape[0]
+        if total >= max_tokens:
+            break
+    return torch.cat(rows)[:max_tokens]
