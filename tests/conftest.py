@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,6 +12,10 @@ os.environ.setdefault("SPILLOVER_NO_PROGRESS", "1")
 import pytest  # noqa: E402
 
 from spillover.organism.model import Organism, load_organism  # noqa: E402
+
+
+SHARED_DATA = Path(os.environ.get("SPILLOVER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+"""Reference data beside the checkout (../shared/data); tests that need it skip where it is absent."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
