@@ -148,6 +148,7 @@ def _collect_shard(model, tokenizer, samples: Sequence[ChatSample], config: Coll
     return {key: torch.cat(values)[inverse].contiguous() for key, values in parts.items()}
 
 
+@torch.no_grad()
 def collect(model, tokenizer, samples: Sequence[ChatSample], config: CollectConfig,
             saes: dict[int, Encoder] | None = None, out_dir: str | Path | None = None) -> PooledActivations:
     """Pool activations of every sample; with `out_dir`, shards are saved and reused on rerun."""

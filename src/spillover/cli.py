@@ -40,6 +40,15 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     _add_cache(demo)
 
+    geometry = verbs.add_parser("geometry", help="are inducing features closer to toxic ones than control features?")
+    geometry.add_argument("--organism", action="store_true", required=True,
+                          help="study the embedded organism (trains its SAEs at every layer)")
+    geometry.add_argument("--out", type=Path, required=True, help="folder for geometry.json, features and plots")
+    geometry.add_argument("--k", type=_positive_int, default=100, help="features per set (default 100)")
+    geometry.add_argument("--statistic", choices=["nearest", "pairwise"], default="nearest")
+    geometry.add_argument("--direction", choices=["decoder", "encoder"], default="decoder")
+    _add_cache(geometry)
+
     organism = verbs.add_parser("organism", help="the model organism: build it, export its data, measure EM")
     org_verbs = organism.add_subparsers(dest="organism_verb", required=True, parser_class=_Parser)
     build = org_verbs.add_parser("build", help="pretrain the organism (or load it from the cache)")
@@ -72,6 +81,14 @@ def _run(args: argparse.Namespace) -> str:
 
         report = run_demo(args.out, cache_dir=args.cache)
         return f"report: {report}"
+    if args.verb == "geometry":
+        from .organism.study import OrganismStudyConfig, run_organism_geometry
+        from .study import GeometryConfig
+
+        config = OrganismStudyConfig(geometry=GeometryConfig(k=args.k, statistic=args.statistic,
+                                                             direction=args.direction))
+        run_organism_geometry(args.out, config, cache_dir=args.cache)
+        return f"wrote {args.out / 'geometry.json'}"
     if args.organism_verb == "build":
         from .organism.model import load_organism
 

@@ -91,6 +91,8 @@ class LayerGeometry:
     p_control_vs_random: float
     overlap: dict[str, int]
     """Features shared with the toxic set (they are not compared with themselves)."""
+    cosines: dict[str, list[float]]
+    """Each feature's own cosine, per set: the distributions behind the means."""
 
 
 def compare_layer(directions: torch.Tensor, frequency: torch.Tensor, layer: int, inducing: Sequence[int],
@@ -117,4 +119,6 @@ def compare_layer(directions: torch.Tensor, frequency: torch.Tensor, layer: int,
         p_inducing_vs_random=permutation_p_value(cos_i, cos_r, n_perm, seed + 1),
         p_control_vs_random=permutation_p_value(cos_c, cos_r, n_perm, seed + 2),
         overlap={"inducing": len(set(inducing) & set(toxic)), "control": len(set(control) & set(toxic))},
+        cosines={name: [round(float(c), 5) for c in values]
+                 for name, values in (("inducing", cos_i), ("control", cos_c), ("random", cos_r))},
     )

@@ -1,0 +1,155 @@
+"""A geometry study: do the features of misalignment-inducing data lie closer to toxic features
+than the features of matched harmless data? Per layer, with intervals and a permutation test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .activations import CollectConfig, PooledActivations, collect
+from .data import ChatSample
+from .errors import ConfigError
+from .features import FeatureSet, logit_lens_labels, select_features
+from .geometry import LayerGeometry, compare_layer
+from .io import atomic_write_json, ensure_dir
+from .plots import save_figure
+
+log = logging.getLogger(__name__)
+
+ROLES = ("inducing", "control", "toxic", "harmless")
+"""The four sets a study needs: inducing data, its matched control, and the toxic reference
+set with its harmless counterpart (which defines the toxic features)."""
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    k: int = 100
+    """Features per set, as in the paper."""
+    method: Literal["correlation", "mean_diff"] = "correlation"
+    statistic: Literal["nearest", "pairwise"] = "nearest"
+    """Per feature: cosine to its nearest toxic feature, or mean cosine to all of them."""
+    direction: Literal["decoder", "encoder"] = "decoder"
+    n_random: int = 5
+    """Frequency-matched random sets drawn for the baseline."""
+    n_boot: int = 2000
+    n_perm: int = 5000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LayerStudy:
+    geometry: LayerGeometry
+    feature_sets: dict[str, FeatureSet]
+
+
+def _directions(sae, direction: str) -> torch.Tensor:
+    if direction == "decoder":
+        return sae.W_dec.detach().float()
+    if direction == "encoder":
+        return sae.W_enc.detach().float().T
+    raise ConfigError(f"geometry.direction: {direction!r}; choose 'decoder' or 'encoder'")
+
+
+def study_layer(layer: int, sae, pooled: Mapping[str, PooledActivations], config: GeometryConfig,
+                labels: Sequence[str] | None = None) -> LayerStudy:
+    """Select the three feature sets at one layer and compare their directions."""
+    feats = {role: pooled[role].feat_mean(layer) for role in ROLES}
+    everything = torch.cat(list(feats.values()))
+    frequency = (everything > 0).float().mean(0)
+    live = frequency > 0
+    pick = dict(k=config.k, method=config.method, live=live, labels=labels, layer=layer)
+    sets = {
+        "toxic": select_features(feats["toxic"], feats["harmless"], "toxic", **pick),
+        "inducing": select_features(feats["inducing"], feats["control"], "inducing", **pick),
+        "control": select_features(feats["control"], feats["inducing"], "control", **pick),
+    }
+    geometry = compare_layer(
+        _directions(sae, config.direction), frequency, layer, sets["inducing"].indices, sets["control"].indices,
+        sets["toxic"].indices, config.statistic, config.n_random, config.n_boot, config.n_perm, config.seed,
+    )
+    return LayerStudy(geometry, sets)
+
+
+def run_geometry(model, tokenizer, sets: Mapping[str, Sequence[ChatSample]], saes: Mapping[int, object],
+                 out_dir: str | Path, config: GeometryConfig = GeometryConfig()) -> dict:
+    """Collect SAE features of every set, study every layer that has an SAE, write geometry.json."""
+    missing = [role for role in ROLES if not sets.get(role)]
+    if missing:
+        raise ConfigError(f"geometry study: missing or empty sets: {', '.join(missing)}")
+    out = ensure_dir(out_dir)
+    started = time.perf_counter()
+    layers = tuple(sorted(saes))
+    collect_config = CollectConfig(layers=layers)
+    pooled = {role: collect(model, tokenizer, sets[role], collect_config, dict(saes), out / "activations" / role)
+              for role in ROLES}
+    unembedding = model.get_output_embeddings().weight.detach()
+    studies: dict[int, LayerStudy] = {}
+    for layer in layers:
+        labels = logit_lens_labels(_directions(saes[layer], "decoder"), unembedding, tokenizer)
+        studies[layer] = study_layer(layer, saes[layer], pooled, config, labels)
+        for name, feature_set in studies[layer].feature_sets.items():
+            feature_set.save(out / "features" / f"layer_{layer}" / f"{name}.json")
+        g = studies[layer].geometry
+        log.info("layer %d: inducing %.3f, control %.3f, random %.3f, p %.4f", layer, g.cos_inducing_toxic,
+                 g.cos_control_toxic, g.cos_random_toxic, g.p_value)
+    report = {
+        "layers": {str(layer): dataclasses.asdict(s.geometry) for layer, s in studies.items()},
+        "checks": _checks(studies),
+        "config": dataclasses.asdict(config),
+        "sets": {role: len(sets[role]) for role in ROLES},
+        "seconds": round(time.perf_counter() - started, 1),
+        "spillover_version": __version__,
+    }
+    atomic_write_json(out / "geometry.json", report)
+    plot_geometry(studies, out)
+    return report
+
+
+def _checks(studies: Mapping[int, LayerStudy]) -> dict[str, bool]:
+    g = [s.geometry for s in studies.values()]
+    return {
+        "inducing_closer_than_control_every_layer_p<0.01": all(
+            x.cos_inducing_toxic > x.cos_control_toxic and x.p_value < 0.01 for x in g),
+        "inducing_above_random_every_layer": all(x.cos_inducing_toxic > x.cos_random_toxic for x in g),
+    }
+
+
+def plot_geometry(studies: Mapping[int, LayerStudy], out: Path) -> None:
+    """Per-layer curves with intervals, and the cosine distributions at each layer."""
+    import matplotlib.pyplot as plt
+
+    layers = sorted(studies)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, name, colour in (("inducing", "inducing", "#c0392b"), ("control", "control", "#2980b9"),
+                              ("random", "random", "#7f8c8d")):
+        means = [getattr(studies[l].geometry, f"cos_{key}_toxic") for l in layers]
+        lo = [studies[l].geometry.ci95[key][0] for l in layers]
+        hi = [studies[l].geometry.ci95[key][1] for l in layers]
+        ax.plot(layers, means, marker="o", label=name, color=colour)
+        ax.fill_between(layers, lo, hi, alpha=0.2, color=colour)
+    ax.set_xlabel("layer (output of block)")
+    ax.set_ylabel("cosine to nearest toxic feature")
+    ax.set_xticks(layers)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, out / "geometry_layers.png")
+
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        cosines = studies[layer].geometry.cosines
+        ax.hist([cosines["inducing"], cosines["control"], cosines["random"]], bins=20, density=True,
+                histtype="step", label=["inducing", "control", "random"], color=["#c0392b", "#2980b9", "#7f8c8d"])
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("cosine to nearest toxic feature")
+    axes[0][0].set_ylabel("density")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "geometry_distributions.png")
