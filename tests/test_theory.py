@@ -1,0 +1,100 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from spillover.errors import ConfigError
+from spillover.theory import (ToyModelConfig, average_ranks, direction_cosines, pearson, plot_spillover,
+                              represented_features, run_toy_spillover, spearman, train_toy_model)
+
+SUPERPOSED = ToyModelConfig()  # 40 features in 10 dimensions, p = 0.05, 3 seeds
+ORTHOGONAL = ToyModelConfig(n_features=8, seeds=(0,))  # room for every feature: no shared directions
+
+
+@pytest.fixture(scope="module")
+def superposed():
+    return run_toy_spillover(SUPERPOSED)
+
+
+@pytest.fixture(scope="module")
+def orthogonal():
+    return run_toy_spillover(ORTHOGONAL)
+
+
+def test_toy_model_reaches_superposition():
+    model = train_toy_model(SUPERPOSED, seed=0)
+    represented = represented_features(model.W, SUPERPOSED.represented_norm)
+    assert len(represented) > 2 * SUPERPOSED.n_hidden
+    cos = direction_cosines(model.W)[represented][:, represented]
+    off_diagonal = cos[~torch.eye(len(represented), dtype=torch.bool)].abs()
+    assert off_diagonal.max() > 0.3 and off_diagonal.mean() > 0.1  # directions are shared, not orthogonal
+
+
+def test_every_seed_is_superposed(superposed):
+    assert all(n > 2 * SUPERPOSED.n_hidden for n in superposed.n_represented)
+    assert all(c > 0.3 for c in superposed.max_abs_cos)
+
+
+def test_spillover_follows_cosine(superposed):
+    assert superposed.pearson >= 0.9
+    assert superposed.ci95[0] >= 0.9 and superposed.ci95[0] <= superposed.pearson <= superposed.ci95[1]
+    assert superposed.spearman >= 0.9 and superposed.alpha > 0
+    assert superposed.n_points == len(superposed.predicted) == len(superposed.measured)
+    assert len({(r.seed, r.target) for r in superposed.per_target}) == len(superposed.per_target) >= 30
+    assert superposed.mean_target_gain > 0
+
+
+def test_orthogonal_features_do_not_spill_over(superposed, orthogonal):
+    assert orthogonal.n_represented == [ORTHOGONAL.n_features] and orthogonal.max_abs_cos[0] < 0.05
+    ratio = orthogonal.mean_abs_spillover / orthogonal.mean_target_gain
+    assert ratio < 0.15 * superposed.mean_abs_spillover / superposed.mean_target_gain
+
+
+def test_without_co_occurring_features_orthogonal_spillover_vanishes():
+    result = run_toy_spillover(ToyModelConfig(n_features=8, seeds=(0,), ft_background=False))
+    assert result.mean_abs_spillover < 1e-4 * result.mean_target_gain
+
+
+def test_same_seed_same_result():
+    config = ToyModelConfig(train_steps=150, seeds=(3,), n_targets=4, n_boot=50)
+    first, second = run_toy_spillover(config), run_toy_spillover(config)
+    assert first == second
+
+
+def test_spearman_known_answers():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 100, 10_000]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6*4 / (5*24)
+    # ties take the mean rank: x -> [1, 2.5, 2.5, 4]; Pearson of ranks gives 0.9486833
+    np.testing.assert_allclose(average_ranks([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
+    assert spearman([10, 20, 20, 30], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    np.testing.assert_allclose(average_ranks([3, 1, 3, 3, 2]), [4, 1, 4, 4, 2])
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ConfigError):
+        spearman([1, 2], [1, 2, 3])
+    with pytest.raises(ConfigError):
+        pearson([1.0, float("nan")], [1.0, 2.0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-5, 5), min_size=3, max_size=30))
+def test_average_ranks_sum_and_monotone(values):
+    ranks = average_ranks(values)
+    assert ranks.sum() == pytest.approx(len(values) * (len(values) + 1) / 2)
+    order = np.argsort(values, kind="mergesort")
+    assert np.all(np.diff(ranks[order]) >= 0)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError):
+        ToyModelConfig(feature_probability=0)
+    with pytest.raises(ConfigError):
+        ToyModelConfig(seeds=())
+
+
+def test_plot_writes_png(tmp_path, superposed):
+    path = plot_spillover(superposed.predicted, superposed.measured, tmp_path / "fig" / "spill.png", "toy")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
