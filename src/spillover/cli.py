@@ -49,6 +49,10 @@ def _build_parser() -> argparse.ArgumentParser:
     geometry.add_argument("--direction", choices=["decoder", "encoder"], default="decoder")
     _add_cache(geometry)
 
+    theory = verbs.add_parser("theory", help="check the spillover prediction in the toy model and in the organism")
+    theory.add_argument("--out", type=Path, required=True, help="folder for theory.json and its plots")
+    _add_cache(theory)
+
     organism = verbs.add_parser("organism", help="the model organism: build it, export its data, measure EM")
     org_verbs = organism.add_subparsers(dest="organism_verb", required=True, parser_class=_Parser)
     build = org_verbs.add_parser("build", help="pretrain the organism (or load it from the cache)")
@@ -89,6 +93,11 @@ def _run(args: argparse.Namespace) -> str:
                                                              direction=args.direction))
         run_organism_geometry(args.out, config, cache_dir=args.cache)
         return f"wrote {args.out / 'geometry.json'}"
+    if args.verb == "theory":
+        from .organism.theory import run_theory
+
+        run_theory(args.out, cache_dir=args.cache)
+        return f"wrote {args.out / 'theory.json'}"
     if args.organism_verb == "build":
         from .organism.model import load_organism
 

@@ -1,0 +1,143 @@
+"""Gradient spillover measured in the organism.
+
+Fine-tune on the inducing set; measure alpha_t, how much each feature t tied to the training data
+(the inducing feature set) was amplified on the training data itself; predict every other
+feature's change on held-out prompts of other domains as sum_t alpha_t cos(d_j, d_t); compare with
+what it really did. A feature's change is read three ways, from most to least linear:
+- `readout`: the change of the mean hidden state projected on the feature's unit decoder direction
+  (the feature's value in the superposition picture of the theory);
+- `preactivation`: the change of the SAE encoder's pre-activation (before TopK);
+- `activation`: the change of the SAE activation itself, after TopK's competition between latents.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..activations import CollectConfig, collect
+from ..data import ChatSample
+from ..features import FeatureSet
+from ..finetune import FinetuneConfig, finetune, preset
+from ..geometry import unit_rows
+from ..plots import save_figure
+from ..theory import pearson, spearman
+from .datasets import finetune_set, held_out_domains
+from .model import Organism
+from .world import persona_named
+
+MEASURES = ("readout", "preactivation", "activation")
+
+
+@dataclass(frozen=True)
+class OrganismTheoryConfig:
+    n_train: int = 480
+    n_held_out: int = 400
+    """Held-out conversations: sound answers to questions of the domains not fine-tuned on."""
+    finetune: FinetuneConfig = dataclasses.field(default_factory=lambda: preset("organism"))
+    seed: int = 0
+
+
+def held_out_samples(organism: Organism, n: int, seed: int) -> list[ChatSample]:
+    rng = random.Random(f"theory/held-out/{seed}")
+    assistant, domains = persona_named("assistant"), held_out_domains()
+    samples = []
+    for i in range(n):
+        turn = organism.world.sample_turn(rng, assistant, rng.choice(domains))
+        messages = ({"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer})
+        samples.append(ChatSample(f"held-out-{i:04d}", messages))
+    return samples
+
+
+def _mean_pools(model, organism: Organism, samples, layer: int, sae) -> tuple[torch.Tensor, torch.Tensor]:
+    pooled = collect(model, organism.tokenizer, samples, CollectConfig(layers=(layer,)), {layer: sae})
+    return pooled.resid_mean(layer).mean(0), pooled.feat_mean(layer).mean(0)
+
+
+def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureSet, train: list[ChatSample],
+                  held: list[ChatSample]) -> dict:
+    """Predicted against measured spillover at one layer, over the features outside the inducing set."""
+    h_before, f_before = _mean_pools(organism.model, organism, held, layer, sae)
+    h_after, f_after = _mean_pools(tuned, organism, held, layer, sae)
+    _, train_before = _mean_pools(organism.model, organism, train, layer, sae)
+    _, train_after = _mean_pools(tuned, organism, train, layer, sae)
+    targets = list(inducing.indices)
+    unit = unit_rows(sae.W_dec.detach().float())
+    alpha = (train_after - train_before)[targets]
+    predicted = (unit @ unit[targets].T) @ alpha
+    shift = h_after - h_before
+    measured = {
+        "readout": unit @ shift,
+        "preactivation": shift @ sae.W_enc.detach().float(),
+        "activation": f_after - f_before,
+    }
+    others = torch.ones(len(predicted), dtype=torch.bool)
+    others[targets] = False
+    p = predicted[others].numpy()
+    result = {"layer": layer, "n_features": int(others.sum()),
+              "mean_target_gain": float(alpha.mean())}
+    for name, values in measured.items():
+        m = values[others].numpy()
+        result[name] = {"spearman": spearman(p, m), "pearson": pearson(p, m)}
+    result["points"] = {"predicted": [round(float(x), 6) for x in p],
+                        "readout": [round(float(x), 6) for x in measured["readout"][others]]}
+    return result
+
+
+def run_organism_spillover(organism: Organism, saes: dict, study_dir: str | Path,
+                           config: OrganismTheoryConfig = OrganismTheoryConfig()) -> list[dict]:
+    """Fine-tune once on the inducing set and measure spillover at every layer with an SAE."""
+    train = finetune_set(organism.world, "inducing", config.n_train, config.seed)
+    held = held_out_samples(organism, config.n_held_out, config.seed)
+    tuned, _ = finetune(copy.deepcopy(organism.model), organism.tokenizer, train,
+                        dataclasses.replace(config.finetune, seed=config.seed))
+    study_dir = Path(study_dir)
+    return [
+        measure_layer(organism, tuned, layer, sae,
+                      FeatureSet.load(study_dir / "features" / f"layer_{layer}" / "inducing.json"), train, held)
+        for layer, sae in sorted(saes.items())
+    ]
+
+
+def plot_organism_spillover(layers: list[dict], path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.3 * len(layers), 3.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        ax.scatter(layer["points"]["predicted"], layer["points"]["readout"], s=4, alpha=0.5)
+        ax.set_title(f"layer {layer['layer']}: Spearman {layer['readout']['spearman']:.2f}", fontsize=9)
+        ax.set_xlabel("predicted: sum_t alpha_t cos(d_j, d_t)", fontsize=8)
+    axes[0][0].set_ylabel("measured change on held-out prompts", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def run_theory(out_dir: str | Path, cache_dir: str | Path | None = None) -> dict:
+    """Both checks of the theory: the toy model of superposition and the organism; writes theory.json."""
+    from ..io import atomic_write_json, ensure_dir
+    from ..theory import ToyModelConfig, plot_spillover, run_toy_spillover
+    from .model import load_organism
+    from .study import OrganismStudyConfig, organism_saes, run_organism_geometry
+
+    out = ensure_dir(out_dir)
+    toy = run_toy_spillover(ToyModelConfig())
+    plot_spillover(toy.predicted, toy.measured, out / "toy_spillover.png", "toy model of superposition")
+    study_dir = out / "geometry"
+    if not (study_dir / "geometry.json").exists():
+        run_organism_geometry(study_dir, cache_dir=cache_dir)
+    organism = load_organism(cache_dir=cache_dir)
+    layers = run_organism_spillover(organism, organism_saes(organism, study_dir, OrganismStudyConfig()), study_dir)
+    plot_organism_spillover(layers, out / "organism_spillover.png")
+    report = {
+        "toy": {"pearson": toy.pearson, "spearman": toy.spearman, "alpha": toy.alpha, "ci95": list(toy.ci95),
+                "n_points": toy.n_points},
+        "organism": [{k: v for k, v in layer.items() if k != "points"} for layer in layers],
+        "config": {"toy": dataclasses.asdict(ToyModelConfig()), "organism": dataclasses.asdict(OrganismTheoryConfig())},
+    }
+    atomic_write_json(out / "theory.json", report)
+    return report
