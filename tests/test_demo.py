@@ -1,0 +1,83 @@
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from spillover.demo import run_demo
+from spillover.organism.mitigation import MitigationConfig
+from spillover.organism.study import OrganismStudyConfig
+from spillover.sae import TopKTrainingConfig
+from spillover.study import GeometryConfig
+
+
+@pytest.fixture(scope="module")
+def demo_run(organism, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    study = OrganismStudyConfig(n_per_set=160, sae_conversations=300,
+                                sae=TopKTrainingConfig(d_sae=512, k=16, steps=120, batch_size=512),
+                                geometry=GeometryConfig(k=50, n_boot=200, n_perm=500))
+    mitigation = MitigationConfig(fractions=(0.5,), seeds=(0,), n_inducing=120, n_control=120,
+                                  samples_per_question=1)
+    return out, run_demo(out, cache_dir=organism.path.parent, mitigation=mitigation, study=study)
+
+
+def test_demo_writes_every_stage_and_a_summary(demo_run):
+    out, report = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["strategies"]) == {"geometry", "random", "judge", "projection"}
+    for row in summary["strategies"].values():
+        assert {"misaligned_rate", "ci95", "reduction_vs_none", "reduction_vs_random"} <= set(row)
+    assert summary["strategies"]["geometry"]["inducing_removed"] > 0.7  # random removal takes about 0.5
+    assert summary["score_auroc"]["geometry"] > 0.9
+    assert (out / "geometry" / "geometry.json").exists()
+    assert (out / "mitigation" / "filtered" / "geometry-0.50" / "filter.json").exists()
+    assert report.name == "report.html" and (out / "report.md").exists()
+
+
+def test_report_embeds_every_figure_as_a_valid_png(demo_run):
+    _, report = demo_run
+    page = report.read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 4
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images)
+    assert "Filtering, then fine-tuning" in page and "<table>" in page
+
+
+def test_a_rerun_reuses_finished_runs(demo_run, organism):
+    out, _ = demo_run
+    runs = sorted((out / "mitigation" / "runs").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    assert len(runs) == 5  # none + four strategies, one fraction, one seed
+    mitigation = MitigationConfig(fractions=(0.5,), seeds=(0,), n_inducing=120, n_control=120, samples_per_question=1)
+    study = OrganismStudyConfig(n_per_set=160, sae_conversations=300,
+                                sae=TopKTrainingConfig(d_sae=512, k=16, steps=120, batch_size=512),
+                                geometry=GeometryConfig(k=50, n_boot=200, n_perm=500))
+    run_demo(out, cache_dir=organism.path.parent, mitigation=mitigation, study=study)
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_report_renders_in_headless_chromium_with_every_image_loaded(demo_run, tmp_path):
+    _, report = demo_run
+    probe = tmp_path / "probe.html"
+    # Load the report in an iframe-free way: append a script that lists images that failed to decode.
+    probe.write_text(report.read_text().replace(
+        "</body>",
+        "<script>window.onload=()=>{const bad=[...document.images].filter(i=>!(i.complete&&i.naturalWidth>0));"
+        "document.title='images:'+document.images.length+' broken:'+bad.length;}</script></body>"))
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+         "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    title = re.search(r"<title>(.*?)</title>", result.stdout)
+    assert title is not None, result.stderr[-2000:]
+    counts = dict(part.split(":") for part in title.group(1).split())
+    assert int(counts["images"]) >= 4 and int(counts["broken"]) == 0
