@@ -75,8 +75,10 @@ def rank_samples(organism: Organism, samples: list[ChatSample], saes: dict, stud
     started = time.perf_counter()
     collect_config = CollectConfig(layers=(layer,))
     pooled = collect(organism.model, organism.tokenizer, samples, collect_config, {layer: sae})
-    refs = {kind: collect(organism.model, organism.tokenizer, reference_set(organism.world, kind, 240, config.data_seed),
-                          collect_config, {layer: sae}) for kind in ("toxic", "harmless")}
+    reference_sets = {kind: reference_set(organism.world, kind, 240, config.data_seed) for kind in ("toxic", "harmless")}
+    refs = {kind: collect(organism.model, organism.tokenizer, data, collect_config, {layer: sae})
+            for kind, data in reference_sets.items()}
+    forward_passes = len(samples) + sum(len(data) for data in reference_sets.values())
     reference = ToxicReference(sae.W_dec.detach(), toxic.indices, refs["toxic"].resid_mean(layer).mean(0),
                                refs["harmless"].resid_mean(layer).mean(0), _labels(study_dir, layer, sae))
     forward_seconds = time.perf_counter() - started
@@ -87,7 +89,7 @@ def rank_samples(organism: Organism, samples: list[ChatSample], saes: dict, stud
         scored = score_samples(name, ids, reference, pooled.feat_mean(layer), pooled.resid_mean(layer))
         by_strategy[strategy] = {s.id: s.score for s in scored}
         scores[strategy] = [dataclasses.asdict(s) for s in scored]
-        cost[strategy] = {"forward_passes": len(samples) + 480, "judge_calls": 0,
+        cost[strategy] = {"forward_passes": forward_passes, "judge_calls": 0,
                           "seconds": round(forward_seconds + time.perf_counter() - t0, 2)}
     by_strategy["judge"], cost["judge"] = _judge_risks(samples)
     risk_of = lambda p: score_tensor(config.score, reference, p.feat_mean(layer), p.resid_mean(layer))  # noqa: E731
