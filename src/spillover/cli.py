@@ -150,7 +150,8 @@ def _run_harness(args: argparse.Namespace) -> str:
                            judge_model=args.judge_model, judge_base_url=args.judge_base_url)
         overall = run.summary.overall
         lo, hi = overall.ci95
-        return (f"misaligned rate {overall.misaligned_rate:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={overall.n}, "
+        rate = f"{overall.misaligned_rate:.3f}".replace("nan", "n/a")  # n/a: no answer counted
+        return (f"misaligned rate {rate} (95% CI {lo:.3f}-{hi:.3f}, n={overall.n}, "
                 f"counted {overall.n_counted}): wrote {run.summary_path}")
 
 
