@@ -81,3 +81,25 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(demo_run, t
     assert title is not None, result.stderr[-2000:]
     counts = dict(part.split(":") for part in title.group(1).split())
     assert int(counts["images"]) >= 4 and int(counts["broken"]) == 0
+
+
+def test_score_and_filter_commands_on_the_demo_outputs(demo_run, organism, tmp_path):
+    from spillover.cli import main
+    from spillover.data import read_chat_jsonl
+
+    out, _ = demo_run
+    mixed = out / "mitigation" / "mixed.jsonl"
+    before = mixed.read_bytes()
+    layer_dir = out / "geometry"
+    argv = ["score", "--model", "organism", "--cache", str(organism.path.parent), "--data", str(mixed),
+            "--sae", str(layer_dir / "sae" / "layer_1"), "--toxic", str(layer_dir / "features" / "layer_1" / "toxic.json"),
+            "--out", str(tmp_path / "scores")]
+    assert main(argv) == 0
+    assert main(["filter", "--data", str(mixed), "--strategy", "geometry", "--fraction", "0.5",
+                 "--scores", str(tmp_path / "scores" / "scores.jsonl"), "--out", str(tmp_path / "kept")]) == 0
+    kept = read_chat_jsonl(tmp_path / "kept" / "kept.jsonl")
+    assert len(kept) == 120
+    assert sum(bool(s.meta.get("inducing")) for s in kept) < 40  # mostly aligned samples stay
+    assert mixed.read_bytes() == before
+    assert main(["filter", "--data", str(mixed), "--strategy", "projection", "--fraction", "0.5",
+                 "--out", str(tmp_path / "x")]) == 2

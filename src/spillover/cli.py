@@ -60,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path)
 
     _add_harness_parsers(verbs)
+    _add_risk_parsers(verbs)
 
     organism = verbs.add_parser("organism", help="the model organism: build it, export its data, measure EM")
     org_verbs = organism.add_subparsers(dest="organism_verb", required=True, parser_class=_Parser)
@@ -84,6 +85,30 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_cache(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="organism cache folder (default: $SPILLOVER_CACHE or ~/.cache/spillover)")
+
+
+def _add_risk_parsers(verbs) -> None:
+    """`score` and `filter`: risk per training sample, and the filtered set."""
+    sc = verbs.add_parser("score", help="a risk score per training sample from SAE features and toxic features")
+    sc.add_argument("--model", required=True, help="a local transformers model folder, or 'organism'")
+    sc.add_argument("--data", type=Path, required=True, help="training set: chat JSONL")
+    sc.add_argument("--sae", type=Path, required=True, help="SAE folder in SAELens format, at the toxic set's layer")
+    sc.add_argument("--toxic", type=Path, required=True, help="toxic feature set JSON (from a geometry study)")
+    sc.add_argument("--score", default="spillover",
+                    choices=["spillover", "hidden_cosine", "toxic_activation", "projection"])
+    sc.add_argument("--toxic-ref", type=Path, default=None, help="toxic reference answers (chat JSONL)")
+    sc.add_argument("--harmless-ref", type=Path, default=None, help="harmless reference answers (chat JSONL)")
+    sc.add_argument("--out", type=Path, required=True, help="folder for scores.jsonl and score.json")
+    _add_cache(sc)
+
+    fl = verbs.add_parser("filter", help="remove the riskiest fraction of a training set")
+    fl.add_argument("--data", type=Path, required=True, help="training set: chat JSONL (never modified)")
+    fl.add_argument("--strategy", required=True, choices=["geometry", "random", "judge", "projection"])
+    fl.add_argument("--fraction", type=float, required=True, help="share of samples to remove, in [0, 1)")
+    fl.add_argument("--scores", type=Path, default=None, help="scores.jsonl (geometry and projection strategies)")
+    fl.add_argument("--judge", default=None, help="organism, openai or local:PATH (judge strategy)")
+    fl.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
+    fl.add_argument("--out", type=Path, required=True, help="folder for kept.jsonl and filter.json")
 
 
 def _add_harness_parsers(verbs) -> None:
@@ -200,6 +225,16 @@ def _run(args: argparse.Namespace) -> str:
         return f"wrote {args.out / 'theory.json'}"
     if args.verb in ("finetune", "evaluate"):
         return _run_harness(args)
+    if args.verb == "score":
+        from .risk import score_file
+
+        path = score_file(args.model, args.data, args.sae, args.toxic, args.out, args.score, args.toxic_ref,
+                          args.harmless_ref, cache_dir=args.cache)
+        return f"wrote {path}"
+    if args.verb == "filter":
+        from .risk import filter_file
+
+        return f"wrote {filter_file(args.data, args.out, args.strategy, args.fraction, args.scores, args.judge, args.seed)}"
     if args.organism_verb == "build":
         from .organism.model import load_organism
 
