@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .data import ChatSample, EncodedChat, encode_chats
+from .data import ChatSample, EncodedChat, TextSample, encode_samples
 from .errors import ConfigError
 from .io import atomic_write_json, ensure_dir, stable_hash
 from .lm import check_layers, residuals
@@ -132,7 +132,7 @@ def _masked_pools(x: torch.Tensor, select: torch.Tensor, counts: torch.Tensor, n
 
 def _collect_shard(model, tokenizer, samples: Sequence[ChatSample], config: CollectConfig,
                    saes: dict[int, Encoder]) -> dict[str, torch.Tensor]:
-    encoded = encode_chats(tokenizer, [s.messages for s in samples])
+    encoded = encode_samples(tokenizer, samples)
     masks = [_token_mask(e, config.tokens, config.max_length) for e in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     parts: dict[str, list[torch.Tensor]] = {}
@@ -178,7 +178,8 @@ def _manifest_key(model, samples: Sequence[ChatSample], config: CollectConfig, s
         "config": dataclasses.asdict(config),
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "model_fingerprint": [_fingerprint(p) for p in params[:: max(1, len(params) // 8)]],
-        "samples_sha256": stable_hash([[s.id, list(s.messages)] for s in samples]),
+        "samples_sha256": stable_hash([[s.id, list(s.messages)] + (["text"] if isinstance(s, TextSample) else [])
+                                      for s in samples]),
         "saes": {str(layer): _fingerprint(sae.W_enc) if hasattr(sae, "W_enc") else type(sae).__name__
                  for layer, sae in saes.items()},
     }
@@ -220,7 +221,7 @@ def collect_tokens(model, tokenizer, samples: Sequence[ChatSample], layer: int, 
                    max_tokens: int = 200_000, token_budget: int = 16384, max_length: int = 1024) -> torch.Tensor:
     """Token-level residuals at one layer, [n_tokens, d], e.g. to train an SAE on."""
     check_layers(model, [layer])
-    encoded = encode_chats(tokenizer, [s.messages for s in samples])
+    encoded = encode_samples(tokenizer, samples)
     masks = [_token_mask(e, tokens, max_length) for e in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
