@@ -103,3 +103,26 @@ def test_score_and_filter_commands_on_the_demo_outputs(demo_run, organism, tmp_p
     assert mixed.read_bytes() == before
     assert main(["filter", "--data", str(mixed), "--strategy", "projection", "--fraction", "0.5",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, organism, tmp_path):
+    from spillover.cli import main
+
+    out, _ = demo_run
+    geometry = out / "geometry"
+    config = tmp_path / "experiment.yaml"
+    config.write_text(
+        f"model: organism\ntrain: {out / 'mitigation' / 'mixed.jsonl'}\nsae: {geometry / 'sae' / 'layer_1'}\n"
+        f"toxic: {geometry / 'features' / 'layer_1' / 'toxic.json'}\nquestions: organism\njudge: organism\n"
+        "strategies: [geometry, random, judge]\nfractions: [0.5]\nseeds: [0]\npreset: organism\nsamples: 1\n"
+        "max_new_tokens: 24\n")
+    argv = ["experiment", str(config), "--out", str(tmp_path / "run"), "--cache", str(organism.path.parent)]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    rows = {r["strategy"]: r for r in summary["table"]}
+    assert set(rows) == {"geometry", "random", "judge"}
+    assert rows["geometry"]["inducing_removed"] > 0.7 and rows["judge"]["inducing_removed"] == 1.0
+    assert rows["random"]["reduction_vs_random"] == 0.0
+    assert summary["none"]["misaligned_rate"] is not None
+    config.write_text(config.read_text() + "colour: red\n")
+    assert main(argv) == 2

@@ -101,6 +101,11 @@ def _add_risk_parsers(verbs) -> None:
     sc.add_argument("--out", type=Path, required=True, help="folder for scores.jsonl and score.json")
     _add_cache(sc)
 
+    ex = verbs.add_parser("experiment", help="filter, fine-tune and evaluate for every strategy x fraction x seed")
+    ex.add_argument("config", type=Path, help="experiment YAML (see docs/mitigation.md)")
+    ex.add_argument("--out", type=Path, required=True, help="run folder; rerunning resumes it")
+    _add_cache(ex)
+
     fl = verbs.add_parser("filter", help="remove the riskiest fraction of a training set")
     fl.add_argument("--data", type=Path, required=True, help="training set: chat JSONL (never modified)")
     fl.add_argument("--strategy", required=True, choices=["geometry", "random", "judge", "projection"])
@@ -231,6 +236,11 @@ def _run(args: argparse.Namespace) -> str:
         path = score_file(args.model, args.data, args.sae, args.toxic, args.out, args.score, args.toxic_ref,
                           args.harmless_ref, cache_dir=args.cache)
         return f"wrote {path}"
+    if args.verb == "experiment":
+        from .experiment import run_experiment
+
+        run_experiment(args.config, args.out, cache_dir=args.cache)
+        return f"wrote {args.out / 'summary.json'}"
     if args.verb == "filter":
         from .risk import filter_file
 

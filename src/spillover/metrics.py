@@ -38,6 +38,13 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # exact at k=0 and k=n
 
 
+def reduction(reference: float | None, rate: float | None) -> float | None:
+    """Relative reduction of a rate against a reference rate: 1 - rate / reference."""
+    if not reference or rate is None:
+        return None
+    return 1.0 - rate / reference
+
+
 @dataclass(frozen=True)
 class RateSummary:
     n: int

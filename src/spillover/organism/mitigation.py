@@ -24,7 +24,7 @@ from ..features import FeatureSet
 from ..filtering import STRATEGIES, random_risks, remove_riskiest, write_filtered
 from ..finetune import FinetuneConfig, finetune, preset
 from ..io import atomic_write_json, ensure_dir
-from ..metrics import Thresholds, wilson_interval
+from ..metrics import Thresholds, reduction, wilson_interval
 from ..scoring import ToxicReference, auroc, dataset_risk, score_samples, score_tensor
 from .datasets import finetune_set, reference_set
 from .em import EmConfig, evaluate_organism
@@ -197,8 +197,8 @@ def summarize_mitigation(runs: dict[tuple[str, float], list[dict]], risks: Risks
             continue
         row = {"strategy": strategy, "fraction": fraction, **_pool(results)}
         random_rate = _pool(runs[("random", fraction)])["misaligned_rate"] if ("random", fraction) in runs else None
-        row["reduction_vs_none"] = _reduction(none["misaligned_rate"], row["misaligned_rate"])
-        row["reduction_vs_random"] = _reduction(random_rate, row["misaligned_rate"])
+        row["reduction_vs_none"] = reduction(none["misaligned_rate"], row["misaligned_rate"])
+        row["reduction_vs_random"] = reduction(random_rate, row["misaligned_rate"])
         row["cost"] = risks.cost.get(strategy, {"forward_passes": 0, "judge_calls": 0, "seconds": 0.0})
         sweep.append(row)
     at_half = {r["strategy"]: r for r in sweep if abs(r["fraction"] - 0.5) < 1e-9}
@@ -212,12 +212,6 @@ def summarize_mitigation(runs: dict[tuple[str, float], list[dict]], risks: Risks
         "thresholds": dataclasses.asdict(Thresholds()),
         "judge": ExactJudge.name,
     }
-
-
-def _reduction(reference: float | None, rate: float | None) -> float | None:
-    if not reference or rate is None:
-        return None
-    return 1.0 - rate / reference
 
 
 def _checks(at_half: dict[str, dict]) -> dict[str, bool]:
