@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 import threading
 from pathlib import Path
 
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # peft calls a transformers method that transformers 5 deprecates; the message helps no user.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:
         print(_run(args))
     except SpilloverError as exc:
