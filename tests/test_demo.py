@@ -126,3 +126,30 @@ def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, orga
     assert summary["none"]["misaligned_rate"] is not None
     config.write_text(config.read_text() + "colour: red\n")
     assert main(argv) == 2
+
+
+def test_collect_select_and_a_study_config_on_any_model(demo_run, organism, tmp_path):
+    from spillover.cli import main
+    from spillover.features import FeatureSet
+
+    out, _ = demo_run
+    cache = ["--cache", str(organism.path.parent)]
+    sae = out / "geometry" / "sae" / "layer_1"
+    assert main(["organism", "sets", "--out", str(tmp_path / "sets"), "--n", "60"]) == 0
+    for name in ("inducing", "aligned"):
+        assert main(["collect", "--model", "organism", "--data", str(tmp_path / "sets" / f"{name}.jsonl"),
+                     "--layers", "1", "--sae", f"1={sae}", "--out", str(tmp_path / name), *cache]) == 0
+    assert main(["select", "--activations", str(tmp_path / "inducing"), "--contrast", str(tmp_path / "aligned"),
+                 "--layer", "1", "--k", "20", "--name", "inducing", "--out", str(tmp_path / "inducing.json")]) == 0
+    chosen = FeatureSet.load(tmp_path / "inducing.json")
+    assert len(chosen.indices) == 20 and chosen.scores[0] > 0.5
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "model: organism\nsets:\n  inducing: sets/inducing.jsonl\n  control: sets/aligned.jsonl\n"
+        "  toxic: sets/toxic_reference.jsonl\n  harmless: sets/harmless_reference.jsonl\n"
+        f"saes:\n  1: {sae}\nk: 20\nn_boot: 100\nn_perm: 200\n")
+    assert main(["geometry", "--config", str(study), "--out", str(tmp_path / "geo"), *cache]) == 0
+    geometry = json.loads((tmp_path / "geo" / "geometry.json").read_text())
+    assert list(geometry["layers"]) == ["1"]
+    study.write_text(study.read_text() + "colour: red\n")
+    assert main(["geometry", "--config", str(study), "--out", str(tmp_path / "geo2"), *cache]) == 2

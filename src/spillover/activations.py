@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .data import ChatSample, EncodedChat, TextSample, encode_samples
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .io import atomic_write_json, ensure_dir, stable_hash
 from .lm import check_layers, residuals
 from .progress import progress
@@ -167,8 +167,27 @@ def collect(model, tokenizer, samples: Sequence[ChatSample], config: CollectConf
             if store:
                 store.save(index, cached, len(shards))
         results.append(cached)
+    ids = tuple(s.id for s in samples)
+    if store:
+        atomic_write_json(store.folder / "ids.json", {"ids": list(ids), "layers": list(config.layers)})
     tensors = {key: torch.cat([r[key] for r in results]) for key in results[0]} if results else {}
-    return PooledActivations(tuple(s.id for s in samples), config.layers, tensors)
+    return PooledActivations(ids, config.layers, tensors)
+
+
+def load_pooled(folder: str | Path) -> PooledActivations:
+    """Read back what `collect(..., out_dir=folder)` finished (e.g. by `spillover collect`)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "activations.json").read_text())
+        index = json.loads((folder / "ids.json").read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder}: no finished activations here (activations.json and ids.json)") from None
+    if len(manifest["shards_done"]) != manifest["shards_total"]:
+        raise InputError(f"{folder}: collection is unfinished ({len(manifest['shards_done'])} of "
+                         f"{manifest['shards_total']} shards); rerun spillover collect to resume")
+    shards = [load_file(folder / f"shard-{i:05d}.safetensors") for i in range(manifest["shards_total"])]
+    tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0]} if shards else {}
+    return PooledActivations(tuple(index["ids"]), tuple(index["layers"]), tensors)
 
 
 def _manifest_key(model, samples: Sequence[ChatSample], config: CollectConfig, saes: dict[int, Encoder]) -> dict:

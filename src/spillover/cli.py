@@ -15,7 +15,7 @@ import warnings
 import threading
 from pathlib import Path
 
-from .errors import SpilloverError
+from .errors import ConfigError, SpilloverError
 
 EXIT_ERROR = 2
 
@@ -45,8 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_cache(demo)
 
     geometry = verbs.add_parser("geometry", help="are inducing features closer to toxic ones than control features?")
-    geometry.add_argument("--organism", action="store_true", required=True,
-                          help="study the embedded organism (trains its SAEs at every layer)")
+    source = geometry.add_mutually_exclusive_group(required=True)
+    source.add_argument("--organism", action="store_true",
+                        help="study the embedded organism (trains its SAEs at every layer)")
+    source.add_argument("--config", type=Path, help="a study YAML: model, sets and SAEs of any model")
     geometry.add_argument("--out", type=Path, required=True, help="folder for geometry.json, features and plots")
     geometry.add_argument("--k", type=_positive_int, default=100, help="features per set (default 100)")
     geometry.add_argument("--statistic", choices=["nearest", "pairwise"], default="nearest")
@@ -101,6 +103,24 @@ def _add_risk_parsers(verbs) -> None:
     sc.add_argument("--harmless-ref", type=Path, default=None, help="harmless reference answers (chat JSONL)")
     sc.add_argument("--out", type=Path, required=True, help="folder for scores.jsonl and score.json")
     _add_cache(sc)
+
+    co = verbs.add_parser("collect", help="pooled activations (and SAE features) of every sample, in resumable shards")
+    co.add_argument("--model", required=True, help="a local transformers model folder, or 'organism'")
+    co.add_argument("--data", type=Path, required=True, help="chat or text JSONL(.gz), parquet or a datasets folder")
+    co.add_argument("--layers", type=int, nargs="+", required=True, help="blocks whose output is read")
+    co.add_argument("--sae", action="append", default=[], metavar="LAYER=FOLDER", help="SAE to encode with (repeatable)")
+    co.add_argument("--tokens", choices=["assistant", "all"], default="assistant")
+    co.add_argument("--out", type=Path, required=True, help="folder for the shards and their manifest")
+    _add_cache(co)
+
+    se = verbs.add_parser("select", help="top-k SAE features tied to a dataset against a contrast set")
+    se.add_argument("--activations", type=Path, required=True, help="a `spillover collect` folder of the dataset")
+    se.add_argument("--contrast", type=Path, required=True, help="a `spillover collect` folder of the contrast set")
+    se.add_argument("--layer", type=int, required=True)
+    se.add_argument("--k", type=_positive_int, default=100)
+    se.add_argument("--method", choices=["correlation", "mean_diff"], default="correlation")
+    se.add_argument("--name", required=True, help="name of the feature set, e.g. toxic")
+    se.add_argument("--out", type=Path, required=True, help="feature set JSON to write")
 
     ex = verbs.add_parser("experiment", help="filter, fine-tune and evaluate for every strategy x fraction x seed")
     ex.add_argument("config", type=Path, help="experiment YAML (see docs/mitigation.md)")
@@ -216,6 +236,11 @@ def _run(args: argparse.Namespace) -> str:
 
         html_path, md_path = build_report(args.run_dir)
         return f"report: {html_path} and {md_path}"
+    if args.verb == "geometry" and args.config:
+        from .study import run_study_file
+
+        run_study_file(args.config, args.out, cache_dir=args.cache)
+        return f"wrote {args.out / 'geometry.json'}"
     if args.verb == "geometry":
         from .organism.study import OrganismStudyConfig, run_organism_geometry
         from .study import GeometryConfig
@@ -237,6 +262,32 @@ def _run(args: argparse.Namespace) -> str:
         path = score_file(args.model, args.data, args.sae, args.toxic, args.out, args.score, args.toxic_ref,
                           args.harmless_ref, cache_dir=args.cache)
         return f"wrote {path}"
+    if args.verb == "collect":
+        from .activations import CollectConfig, collect
+        from .data import read_samples
+        from .models import load_model
+        from .sae import load_sae
+
+        saes = {}
+        for spec in args.sae:
+            layer, _, folder = spec.partition("=")
+            if not layer.strip().isdigit() or not folder:
+                raise ConfigError(f"--sae {spec}: expected LAYER=FOLDER")
+            saes[int(layer)] = load_sae(folder)
+        loaded = load_model(args.model, args.cache)
+        pooled = collect(loaded.model, loaded.tokenizer, read_samples(args.data),
+                         CollectConfig(layers=tuple(args.layers), tokens=args.tokens), saes, args.out)
+        return f"collected {len(pooled.ids)} samples at layers {list(pooled.layers)} into {args.out}"
+    if args.verb == "select":
+        from .activations import load_pooled
+        from .features import select_features
+
+        positive, negative = load_pooled(args.activations), load_pooled(args.contrast)
+        if f"feat_mean.{args.layer}" not in positive.tensors or f"feat_mean.{args.layer}" not in negative.tensors:
+            raise ConfigError(f"--layer {args.layer}: both folders need SAE features at that layer (collect --sae)")
+        chosen = select_features(positive.feat_mean(args.layer), negative.feat_mean(args.layer), args.name,
+                                 args.layer, args.k, args.method)
+        return f"wrote {chosen.save(args.out)}"
     if args.verb == "experiment":
         from .experiment import run_experiment
 

@@ -153,3 +153,53 @@ def plot_geometry(studies: Mapping[int, LayerStudy], out: Path) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out / "geometry_distributions.png")
+
+
+STUDY_KEYS = ("model", "sets", "saes", "k", "method", "statistic", "direction", "n_random", "n_boot", "n_perm", "seed")
+
+
+def run_study_file(config_path: str | Path, out_dir: str | Path, cache_dir: str | Path | None = None) -> dict:
+    """A geometry study of any model from a YAML file (paths relative to it):
+
+    model: a local transformers folder, or organism
+    sets: {inducing: FILE, control: FILE, toxic: FILE, harmless: FILE}   (chat JSONL)
+    saes: {LAYER: SAE_FOLDER, ...}                                      (SAELens format)
+    k, method, statistic, direction, n_random, n_boot, n_perm, seed: as GeometryConfig
+    """
+    import yaml
+
+    from .data import read_samples
+    from .errors import InputError
+    from .models import load_model
+    from .sae import load_sae
+
+    path = Path(config_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such study file") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping with model, sets and saes")
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(STUDY_KEYS)}")
+    for key in ("model", "sets", "saes"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    if not isinstance(raw["sets"], dict) or not isinstance(raw["saes"], dict):
+        raise ConfigError(f"{path}: 'sets' and 'saes' must be mappings")
+    unknown_sets = sorted(set(raw["sets"]) - set(ROLES))
+    if unknown_sets:
+        raise ConfigError(f"{path}: sets.{unknown_sets[0]} is not a role; roles: {', '.join(ROLES)}")
+    here = path.parent
+    model_spec = raw["model"] if raw["model"] == "organism" else str(here / raw["model"])
+    sets = {role: read_samples(here / file) for role, file in raw["sets"].items()}
+    try:
+        saes = {int(layer): load_sae(here / folder) for layer, folder in raw["saes"].items()}
+        config = GeometryConfig(**{k: raw[k] for k in STUDY_KEYS[3:] if k in raw})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    loaded = load_model(model_spec, cache_dir)
+    return run_geometry(loaded.model, loaded.tokenizer, sets, saes, out_dir, config)
