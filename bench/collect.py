@@ -132,10 +132,18 @@ def run_spillover(model, tokenizer, samples, layer, sae, args, out_dir):
     from spillover.activations import CollectConfig, collect
 
     config = CollectConfig(layers=(layer,), token_budget=args.token_budget, shard_size=args.shard_size)
-    pooled = collect(model, tokenizer, samples, config, saes={layer: sae}, out_dir=out_dir)
-    return {name: pooled.tensors[f"{name}.{layer}"] for name in POOLED} | {
-        "n_tokens": pooled.tensors["n_tokens"]
-    }
+    collect(model, tokenizer, samples, config, saes={layer: sae}, out_dir=out_dir, keep=False)
+    return out_dir  # streamed: the shards on disk are the result, read back after the peak is taken
+
+
+def _read_back(result, layer: int) -> dict:
+    """The pooled tensors of either variant (spillover's are read from its shards)."""
+    if not isinstance(result, Path):
+        return result
+    from spillover.activations import load_pooled
+
+    pooled = load_pooled(result)
+    return {name: pooled.tensors[f"{name}.{layer}"] for name in POOLED} | {"n_tokens": pooled.tensors["n_tokens"]}
 
 
 def run_baseline(model, tokenizer, samples, layer, sae, args, out_dir=None):
@@ -220,6 +228,7 @@ def worker(args: argparse.Namespace) -> None:
                 pooled = run(model, tokenizer, samples, args.layer, sae, args, folder)
                 seconds = time.perf_counter() - started
             attempts.append({"seconds": seconds, "peak_kb": _peak_kb(), "shard_peaks_mb": watch.peaks_mb})
+            pooled = _read_back(pooled, args.layer)
     best = min(attempts, key=lambda a: a["seconds"])  # the run least disturbed by other load
     seconds, peak_kb, shard_peaks = best["seconds"], best["peak_kb"], best["shard_peaks_mb"]
     if args.save:

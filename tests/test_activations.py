@@ -89,3 +89,31 @@ def test_bad_layers_are_refused(organism, samples):
         collect(organism.model, organism.tokenizer, samples, CollectConfig(layers=(7,)))
     with pytest.raises(ConfigError, match="collect.tokens"):
         CollectConfig(layers=(0,), tokens="user")
+
+
+def test_pooled_sae_features_match_encoding_every_token(organism, samples):
+    from spillover.sae import SaeConfig, SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=organism.model.config.hidden_size, d_sae=64, architecture="topk", k=4))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    pooled = collect(organism.model, organism.tokenizer, samples[:6], CollectConfig(layers=(1,)), {1: sae})
+    (encoded,) = encode_chats(organism.tokenizer, [samples[2].messages])
+    with torch.no_grad():
+        hidden = organism.model(torch.tensor([encoded.input_ids]), output_hidden_states=True).hidden_states[2][0]
+        features = sae.encode(hidden[torch.tensor(encoded.assistant_mask)])
+    assert torch.allclose(pooled.feat_mean(1)[2], features.mean(0), atol=1e-5)
+    assert torch.allclose(pooled.feat_max(1)[2], features.amax(0), atol=1e-5)
+
+
+def test_streaming_collection_holds_nothing_and_reads_back(organism, samples, tmp_path):
+    from spillover.activations import load_pooled
+
+    kept = collect(organism.model, organism.tokenizer, samples, CollectConfig(layers=(0,), shard_size=16))
+    streamed = collect(organism.model, organism.tokenizer, samples, CollectConfig(layers=(0,), shard_size=16),
+                       out_dir=tmp_path, keep=False)
+    assert streamed.tensors == {}
+    back = load_pooled(tmp_path)
+    assert back.ids == kept.ids and torch.equal(back.resid_mean(0), kept.resid_mean(0))

@@ -115,11 +115,22 @@ def _pool_batch(model, batch: list[EncodedChat], masks: list[list[bool]], layers
         x = streams[layer].float()
         out.update(_masked_pools(x, select, counts, "resid", layer))
         if layer in saes:
-            flat = saes[layer].encode(x[select])  # only the selected tokens go through the SAE
-            f = torch.zeros((*select.shape, flat.shape[-1]), dtype=flat.dtype, device=flat.device)
-            f[select] = flat
-            out.update(_masked_pools(f, select, counts, "feat", layer))
+            out.update(_pool_selected(saes[layer].encode(x[select]), select, counts, layer))
     return out
+
+
+def _pool_selected(flat: torch.Tensor, select: torch.Tensor, counts: torch.Tensor, layer: int):
+    """Mean and max per sample of the SAE features of the selected tokens [n_selected, f].
+
+    Pooling straight from the selected rows never builds a [batch, seq, d_sae] tensor, which for a
+    wide SAE would be the largest allocation of the whole collection.
+    """
+    rows = select.nonzero()[:, 0]
+    shape = (select.shape[0], flat.shape[1])
+    total = torch.zeros(shape, dtype=flat.dtype, device=flat.device).index_add_(0, rows, flat)
+    peak = torch.zeros(shape, dtype=flat.dtype, device=flat.device).scatter_reduce_(
+        0, rows.unsqueeze(1).expand_as(flat), flat, reduce="amax", include_self=False)
+    return {f"feat_mean.{layer}": (total / counts.unsqueeze(-1)).cpu(), f"feat_max.{layer}": peak.cpu()}
 
 
 def _masked_pools(x: torch.Tensor, select: torch.Tensor, counts: torch.Tensor, name: str, layer: int):
@@ -150,8 +161,15 @@ def _collect_shard(model, tokenizer, samples: Sequence[ChatSample], config: Coll
 
 @torch.no_grad()
 def collect(model, tokenizer, samples: Sequence[ChatSample], config: CollectConfig,
-            saes: dict[int, Encoder] | None = None, out_dir: str | Path | None = None) -> PooledActivations:
-    """Pool activations of every sample; with `out_dir`, shards are saved and reused on rerun."""
+            saes: dict[int, Encoder] | None = None, out_dir: str | Path | None = None,
+            keep: bool = True) -> PooledActivations:
+    """Pool activations of every sample; with `out_dir`, shards are saved and reused on rerun.
+
+    With `keep=False` (and an `out_dir`) nothing is held in memory: the shards on disk are the
+    result (read them with `load_pooled`), so memory stays flat in the number of samples.
+    """
+    if not keep and out_dir is None:
+        raise ConfigError("collect: keep=False needs an out_dir to stream the shards to")
     saes = saes or {}
     config = dataclasses.replace(config, layers=check_layers(model, config.layers))
     unknown = sorted(set(saes) - set(config.layers))
@@ -166,7 +184,8 @@ def collect(model, tokenizer, samples: Sequence[ChatSample], config: CollectConf
             cached = _collect_shard(model, tokenizer, shard, config, saes)
             if store:
                 store.save(index, cached, len(shards))
-        results.append(cached)
+        if keep:
+            results.append(cached)
     ids = tuple(s.id for s in samples)
     if store:
         atomic_write_json(store.folder / "ids.json", {"ids": list(ids), "layers": list(config.layers)})

@@ -276,7 +276,7 @@ def _run(args: argparse.Namespace) -> str:
             saes[int(layer)] = load_sae(folder)
         loaded = load_model(args.model, args.cache)
         pooled = collect(loaded.model, loaded.tokenizer, read_samples(args.data),
-                         CollectConfig(layers=tuple(args.layers), tokens=args.tokens), saes, args.out)
+                         CollectConfig(layers=tuple(args.layers), tokens=args.tokens), saes, args.out, keep=False)
         return f"collected {len(pooled.ids)} samples at layers {list(pooled.layers)} into {args.out}"
     if args.verb == "select":
         from .activations import load_pooled
