@@ -367,3 +367,16 @@ def test_saelens_reads_our_folders_and_we_read_its_folders(tmp_path, architectur
     assert back.cfg.apply_b_dec_to_input == ours.cfg.apply_b_dec_to_input
     assert torch.allclose(back.encode(x), theirs.encode(x), atol=1e-6)
     assert torch.allclose(back(x), theirs(x), atol=1e-6)
+
+
+def test_registry_ids_fail_cleanly_when_not_in_the_local_cache(monkeypatch, tmp_path):
+    from spillover.errors import ConfigError, InputError
+    from spillover.sae import load_sae
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="RELEASE/SAE_ID"):
+        load_sae("sae_lens:no-sae-id")
+    pytest.importorskip("sae_lens")
+    with pytest.raises(InputError, match="gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical"):
+        load_sae("sae_lens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical")

@@ -169,7 +169,14 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 def load_sae(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> SparseAutoencoder:
-    """Load an SAELens-format folder (cfg.json + sae_weights.safetensors); dtype defaults to cfg.json's."""
+    """Load an SAELens-format folder (cfg.json + sae_weights.safetensors); dtype defaults to cfg.json's.
+
+    `sae_lens:RELEASE/SAE_ID` names an SAE of SAELens's registry instead (e.g.
+    `sae_lens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical`); it needs sae-lens and
+    the weights already in the local Hugging Face cache, since nothing is downloaded.
+    """
+    if str(folder).startswith(REGISTRY_PREFIX):
+        return _load_from_registry(str(folder), device, dtype)
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     cfg, stored_dtype = _parse_cfg(_read_json(cfg_path), cfg_path)
@@ -182,6 +189,29 @@ def load_sae(
             getattr(sae, name).copy_(tensor)
     log.info("%s: loaded %s SAE, d_in %d, d_sae %d", folder, cfg.architecture, cfg.d_in, cfg.d_sae)
     return sae
+
+
+REGISTRY_PREFIX = "sae_lens:"
+
+
+def _load_from_registry(spec: str, device, dtype) -> SparseAutoencoder:
+    """Let SAELens resolve a registry id offline, save it in its own format, and load that folder."""
+    release, _, sae_id = spec.removeprefix(REGISTRY_PREFIX).partition("/")
+    if not release or not sae_id:
+        raise ConfigError(f"{spec}: expected sae_lens:RELEASE/SAE_ID")
+    try:
+        from sae_lens import SAE
+    except ImportError:
+        raise ConfigError(f"{spec}: SAELens registry ids need sae-lens (pip install sae-lens)") from None
+    try:
+        loaded = SAE.from_pretrained(release, sae_id, device="cpu")
+    except Exception as exc:  # SAELens raises many kinds; all mean "not available offline"
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"{spec}: SAELens could not load it from the local cache ({reason})") from None
+    sae = loaded[0] if isinstance(loaded, tuple) else loaded
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_model(tmp)
+        return load_sae(tmp, device, dtype)
 
 
 def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
