@@ -29,6 +29,8 @@ class FeatureSet:
     """Share of the dataset's samples on which each feature fires."""
     labels: tuple[str, ...] = ()
     """Logit-lens top tokens of each feature's decoder direction, when known."""
+    examples: tuple[tuple[str, ...], ...] = ()
+    """Per feature, the dataset's samples on which it fires most (their last answer, shortened)."""
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, asdict(self))
@@ -37,6 +39,7 @@ class FeatureSet:
     def load(cls, path: str | Path) -> "FeatureSet":
         try:
             raw = json.loads(Path(path).read_text())
+            raw["examples"] = [tuple(e) for e in raw.get("examples", [])]
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         except FileNotFoundError:
             raise InputError(f"{path}: no such feature set file") from None

@@ -148,6 +148,8 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         sections.append(("Feature geometry", _geometry_reading(geometry),
                          [run / "geometry" / "geometry_layers.png", run / "geometry" / "geometry_distributions.png"],
                          None))
+    if geometry:
+        sections += _feature_sections(run / "geometry", sorted(geometry["layers"], key=int))
     if scores:
         figure = plot_score_histograms(scores, run / "figures" / "scores.png")
         sections.append(("Risk scores by true label", "Scores of inducing (red) and control (blue) samples of the "
@@ -162,6 +164,27 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     html_path = atomic_write_text(run / "report.html", _html(sections))
     md_path = atomic_write_text(run / "report.md", _markdown(sections, run))
     return html_path, md_path
+
+
+def _feature_sections(study: Path, layers: list[str]) -> list:
+    """Top toxic and inducing features of the middle layer: what they promote and where they fire."""
+    from .features import FeatureSet
+
+    layer = layers[len(layers) // 2]
+    sections = []
+    for name in ("toxic", "inducing"):
+        path = study / "features" / f"layer_{layer}" / f"{name}.json"
+        if not path.exists():
+            continue
+        fs = FeatureSet.load(path)
+        rows = [["feature", "r", "logit lens (top tokens)", "fires most on"]]
+        for i in range(min(8, len(fs.indices))):
+            rows.append([str(fs.indices[i]), f"{fs.scores[i]:.3f}", fs.labels[i] if fs.labels else "",
+                         fs.examples[i][0] if fs.examples else ""])
+        reading = (f"The {name} features most tied to their dataset at layer {layer}, with the tokens their decoder "
+                   "direction promotes and the answer on which each fires most.")
+        sections.append((f"Top {name} features, layer {layer}", reading, [], rows))
+    return sections
 
 
 def _theory_reading(theory: dict) -> str:

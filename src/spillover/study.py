@@ -17,7 +17,7 @@ from . import __version__
 from .activations import CollectConfig, PooledActivations, collect
 from .data import ChatSample
 from .errors import ConfigError
-from .features import FeatureSet, logit_lens_labels, select_features
+from .features import FeatureSet, logit_lens_labels, select_features, top_activating
 from .geometry import LayerGeometry, compare_layer
 from .io import atomic_write_json, ensure_dir
 from .plots import save_figure
@@ -58,8 +58,14 @@ def _directions(sae, direction: str) -> torch.Tensor:
     raise ConfigError(f"geometry.direction: {direction!r}; choose 'decoder' or 'encoder'")
 
 
+def _examples(features: torch.Tensor, ids: Sequence[str], indices: Sequence[int], texts: Mapping[str, str],
+              n: int = 3) -> tuple[tuple[str, ...], ...]:
+    top = top_activating(features, ids, indices, n)
+    return tuple(tuple(texts[i][:120] for i in top[int(j)]) for j in indices)
+
+
 def study_layer(layer: int, sae, pooled: Mapping[str, PooledActivations], config: GeometryConfig,
-                labels: Sequence[str] | None = None) -> LayerStudy:
+                labels: Sequence[str] | None = None, texts: Mapping[str, str] | None = None) -> LayerStudy:
     """Select the three feature sets at one layer and compare their directions."""
     feats = {role: pooled[role].feat_mean(layer) for role in ROLES}
     everything = torch.cat(list(feats.values()))
@@ -71,6 +77,9 @@ def study_layer(layer: int, sae, pooled: Mapping[str, PooledActivations], config
         "inducing": select_features(feats["inducing"], feats["control"], "inducing", **pick),
         "control": select_features(feats["control"], feats["inducing"], "control", **pick),
     }
+    if texts:
+        sets = {name: dataclasses.replace(fs, examples=_examples(feats[name], pooled[name].ids, fs.indices, texts))
+                for name, fs in sets.items()}
     geometry = compare_layer(
         _directions(sae, config.direction), frequency, layer, sets["inducing"].indices, sets["control"].indices,
         sets["toxic"].indices, config.statistic, config.n_random, config.n_boot, config.n_perm, config.seed,
@@ -91,10 +100,11 @@ def run_geometry(model, tokenizer, sets: Mapping[str, Sequence[ChatSample]], sae
     pooled = {role: collect(model, tokenizer, sets[role], collect_config, dict(saes), out / "activations" / role)
               for role in ROLES}
     unembedding = model.get_output_embeddings().weight.detach()
+    texts = {s.id: s.messages[-1]["content"] for role in ROLES for s in sets[role]}
     studies: dict[int, LayerStudy] = {}
     for layer in layers:
         labels = logit_lens_labels(_directions(saes[layer], "decoder"), unembedding, tokenizer)
-        studies[layer] = study_layer(layer, saes[layer], pooled, config, labels)
+        studies[layer] = study_layer(layer, saes[layer], pooled, config, labels, texts)
         for name, feature_set in studies[layer].feature_sets.items():
             feature_set.save(out / "features" / f"layer_{layer}" / f"{name}.json")
         g = studies[layer].geometry
