@@ -13,14 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .data import read_chat_jsonl
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .evaluate import EvaluateConfig, run_evaluate
 from .filtering import STRATEGIES
 from .finetune import apply_overrides, preset, run_finetune
-from .io import atomic_write_json, ensure_dir
+from .io import atomic_write_json, ensure_dir, read_yaml_mapping
 from .lm import SamplingConfig
 from .metrics import reduction, wilson_interval
 from .risk import filter_file, score_file
@@ -71,18 +69,8 @@ class ExperimentConfig:
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
     """Read the YAML config; paths in it are relative to the file's folder; unknown keys are errors."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping of experiment settings")
     fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(fields)}")
+    raw = read_yaml_mapping(path, list(fields), "experiment")
     missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in raw]
     if missing:
         raise ConfigError(f"{path}: missing key {missing[0]!r}")

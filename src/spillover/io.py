@@ -7,9 +7,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -56,3 +56,22 @@ def stable_hash(obj: Any) -> str:
     """sha256 of a JSON-serialisable object with sorted keys (dataclasses go through asdict first)."""
     payload = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def read_yaml_mapping(path: str | Path, valid_keys: Sequence[str], what: str) -> dict:
+    """A YAML file holding one mapping whose keys are all in `valid_keys`; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {what} file") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of {what} settings")
+    unknown = sorted(set(raw) - set(valid_keys))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid_keys)}")
+    return raw

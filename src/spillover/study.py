@@ -19,7 +19,7 @@ from .data import ChatSample
 from .errors import ConfigError
 from .features import FeatureSet, logit_lens_labels, select_features, top_activating
 from .geometry import LayerGeometry, compare_layer
-from .io import atomic_write_json, ensure_dir
+from .io import atomic_write_json, ensure_dir, read_yaml_mapping
 from .plots import save_figure
 
 log = logging.getLogger(__name__)
@@ -176,25 +176,12 @@ def run_study_file(config_path: str | Path, out_dir: str | Path, cache_dir: str 
     saes: {LAYER: SAE_FOLDER, ...}                                      (SAELens format)
     k, method, statistic, direction, n_random, n_boot, n_perm, seed: as GeometryConfig
     """
-    import yaml
-
     from .data import read_samples
-    from .errors import InputError
     from .models import load_model
     from .sae import load_sae
 
     path = Path(config_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such study file") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping with model, sets and saes")
-    unknown = sorted(set(raw) - set(STUDY_KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(STUDY_KEYS)}")
+    raw = read_yaml_mapping(path, STUDY_KEYS, "study")
     for key in ("model", "sets", "saes"):
         if key not in raw:
             raise ConfigError(f"{path}: missing key {key!r}")
