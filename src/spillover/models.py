@@ -95,10 +95,16 @@ def load_model(
 
 
 def _model_folder(spec: str) -> Path:
+    """A local transformers folder for `spec`: itself, or a GGUF / packaged model converted once."""
+    from .gguf import PACKAGED, converted_folder, resolve_gguf
+
+    gguf = resolve_gguf(spec)
+    if gguf is not None:
+        return converted_folder(gguf)
     folder = Path(spec)
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"--model {spec}: not a folder with a config.json; give a local transformers "
-                          f"model folder or the word '{ORGANISM}'")
+        raise ConfigError(f"--model {spec}: not a folder with a config.json; give a local transformers model "
+                          f"folder, a .gguf file, '{ORGANISM}' or one of: {', '.join(PACKAGED)}")
     return folder
 
 
