@@ -20,7 +20,7 @@ from .filtering import STRATEGIES
 from .finetune import apply_overrides, preset, run_finetune
 from .io import atomic_write_json, ensure_dir, read_yaml_mapping
 from .lm import SamplingConfig
-from .metrics import reduction, wilson_interval
+from .metrics import pooled_rate, reduction
 from .risk import filter_file, score_file
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,8 @@ def _run_one(config: ExperimentConfig, folder: Path, strategy: str, fraction: fl
 
 
 def _pooled(results: list[dict]) -> dict:
-    k, n = sum(r["n_misaligned"] for r in results), sum(r["n_counted"] for r in results)
     removed = [r["inducing_removed"] for r in results if r["inducing_removed"] is not None]
-    return {"misaligned_rate": k / n if n else None, "ci95": list(wilson_interval(k, n)),
-            "per_seed": [r["misaligned_rate"] for r in results],
+    return {**pooled_rate(results),
             "coherent_rate": sum(r["coherent_rate"] for r in results) / len(results),
             "train_loss": sum(r["train_loss"] for r in results) / len(results),
             "inducing_removed": sum(removed) / len(removed) if removed else None}

@@ -38,6 +38,15 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # exact at k=0 and k=n
 
 
+def pooled_rate(runs: Iterable[dict]) -> dict:
+    """Misaligned rate pooled over runs (each with n_misaligned, n_counted, misaligned_rate): the
+    pooled counts give the rate and its Wilson interval; each run's own rate is kept beside."""
+    runs = list(runs)
+    k, n = sum(r["n_misaligned"] for r in runs), sum(r["n_counted"] for r in runs)
+    return {"misaligned_rate": k / n if n else None, "ci95": list(wilson_interval(k, n)),
+            "per_seed": [round(r["misaligned_rate"], 4) for r in runs]}
+
+
 def reduction(reference: float | None, rate: float | None) -> float | None:
     """Relative reduction of a rate against a reference rate: 1 - rate / reference."""
     if not reference or rate is None:

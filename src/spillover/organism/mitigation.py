@@ -24,7 +24,7 @@ from ..features import FeatureSet
 from ..filtering import STRATEGIES, random_risks, remove_riskiest, write_filtered
 from ..finetune import FinetuneConfig, finetune, preset
 from ..io import atomic_write_json, ensure_dir
-from ..metrics import Thresholds, reduction, wilson_interval
+from ..metrics import Thresholds, pooled_rate, reduction
 from ..scoring import ToxicReference, auroc, dataset_risk, score_samples, score_tensor
 from .datasets import finetune_set, reference_set
 from .em import EmConfig, evaluate_organism
@@ -176,12 +176,9 @@ def run_mitigation(organism: Organism, saes: dict, study_dir: str | Path, out_di
 
 
 def _pool(results: list[dict]) -> dict:
-    k, n = sum(r["n_misaligned"] for r in results), sum(r["n_counted"] for r in results)
     mean = lambda key: sum(r[key] for r in results) / len(results)  # noqa: E731
     return {
-        "misaligned_rate": k / n if n else None,
-        "ci95": list(wilson_interval(k, n)),
-        "per_seed": [round(r["misaligned_rate"], 4) for r in results],
+        **pooled_rate(results),
         "coherent_rate": mean("coherent_rate"),
         "in_domain_coherent_rate": mean("in_domain_coherent_rate"),
         "task_loss": mean("task_loss"),
