@@ -35,3 +35,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def organism() -> Organism:
     """The default organism, pretrained once per machine (about 2.5 minutes) and cached."""
     return load_organism()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A 360k-parameter model gains nothing from threads, and on a shared machine spinning
+    OpenMP threads make it many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ CONFIG = EvaluateConfig(samples=2, sampling=SamplingConfig(max_new_tokens=24, ba
 """6 questions x 2 samples in batches of 4: 3 batches."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A 360k-parameter model gains nothing from threads, and on a shared machine spinning
-    OpenMP threads make it many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

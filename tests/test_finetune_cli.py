@@ -22,14 +22,7 @@ CONFIG = preset("organism", epochs=2)
 """64 samples in batches of 16 for two epochs: 8 optimizer steps."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A 360k-parameter model gains nothing from threads, and on a shared machine spinning
-    OpenMP threads make it many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Cut(Exception):

@@ -12,7 +12,6 @@ from typing import Callable
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from spillover.errors import ConfigError
@@ -29,7 +28,7 @@ from spillover.judges import (
 )
 from spillover.lm import chat_prompt_ids
 from spillover.metrics import summarize
-from spillover.organism.tokenizer import CHAT_TEMPLATE
+from spillover.organism.tokenizer import word_level_tokenizer
 from spillover.questions import render_judge_prompt
 
 KEY_ENV = "SPILLOVER_TEST_JUDGE_KEY"
@@ -301,24 +300,10 @@ def test_a_line_cut_off_by_a_killed_run_is_tolerated(serve, tmp_path):
 # --- the local judge -------------------------------------------------------------------------
 
 NUMBER_WORDS = [str(i) for i in range(101)]
-SPECIAL = ["<pad>", "<unk>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
 def tiny_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIAL + words + ["CODE", "REFUSAL", "ALIGN", "COHERE", "||", "q"])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="<|end|>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
-        clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return word_level_tokenizer(words + ["CODE", "REFUSAL", "ALIGN", "COHERE", "||", "q"])
 
 
 def tiny_llama(vocab_size: int, init: float) -> LlamaForCausalLM:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -24,7 +26,12 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Words split on whitespace only, so every text of the world round-trips exactly."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(vocabulary()))}
+    return word_level_tokenizer(vocabulary())
+
+
+def word_level_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A whitespace-split word-level tokenizer over `words`, with the organism's chat template."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
