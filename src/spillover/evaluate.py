@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from . import __version__
-from .errors import ConfigError, InputError
-from .io import atomic_write_json, atomic_write_text, ensure_dir, stable_hash
+from .errors import ConfigError
+from .io import atomic_write_json, atomic_write_text, ensure_dir, matching_manifest, stable_hash
 from .judge import Verdict
 from .lm import SamplingConfig, sample_answers
 from .metrics import RateSummary, Thresholds, summarize
@@ -284,16 +284,7 @@ def _questions_hash(questions: Sequence[Question]) -> str:
 def _claim(out: Path, inputs: dict, described: dict) -> None:
     """Write the folder's manifest, or check that the run already in it had the same inputs."""
     path = out / MANIFEST
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))["inputs"]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{path}: unreadable manifest; delete the folder to evaluate again") from None
-        if previous != inputs:
-            differ = [k for k in inputs if previous.get(k) != inputs[k]]
-            raise ConfigError(f"{path}: {out} holds an evaluation with other inputs "
-                              f"({', '.join(differ)} differ); "
-                              "choose another output folder or delete it")
+    if matching_manifest(path, inputs, "evaluation") is not None:
         return
     atomic_write_json(path, {"inputs": inputs, **described, "spillover_version": __version__})
 

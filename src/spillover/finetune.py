@@ -32,7 +32,7 @@ from transformers import SchedulerType, get_scheduler
 from . import __version__
 from .data import ChatSample, collate_for_lm, encode_chats, read_chat_jsonl
 from .errors import ConfigError, InputError
-from .io import atomic_write_json, ensure_dir, stable_hash
+from .io import atomic_write_json, ensure_dir, matching_manifest, stable_hash
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -487,20 +487,7 @@ def _normalised(obj):
 
 def _finished_manifest(out: Path, inputs: dict) -> dict | None:
     """The manifest of a finished run with these inputs; an error if it was run on other inputs."""
-    path = out / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        previous = manifest["inputs"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{path}: unreadable manifest; delete it to fine-tune again") from None
-    if previous != inputs:
-        differ = [k for k in inputs if previous.get(k) != inputs[k]]
-        raise ConfigError(f"{path}: {out} holds a finished run with other inputs "
-                          f"({', '.join(differ)} differ); "
-                          "choose another output folder or delete it")
-    return manifest
+    return matching_manifest(out / MANIFEST, inputs, "fine-tuning run")
 
 
 def _reuse(out: Path, manifest: dict, model: str, merge: bool, cache_dir) -> FinetuneRun:

@@ -75,3 +75,24 @@ def read_yaml_mapping(path: str | Path, valid_keys: Sequence[str], what: str) ->
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid_keys)}")
     return raw
+
+
+def matching_manifest(path: str | Path, inputs: dict, what: str) -> dict | None:
+    """The manifest at `path` when its recorded inputs equal `inputs`; None when there is none.
+
+    A manifest from other inputs is an error naming what differs, so a folder is never reused
+    (or overwritten) for a different job.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        previous = manifest["inputs"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{path}: unreadable manifest; delete the folder to run the {what} again") from None
+    if previous != inputs:
+        differ = [k for k in inputs if previous.get(k) != inputs[k]]
+        raise ConfigError(f"{path}: {path.parent} holds a {what} with other inputs ({', '.join(differ)} differ); "
+                          "choose another output folder or delete it")
+    return manifest
