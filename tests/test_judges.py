@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import struct
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -35,8 +38,10 @@ KEY_ENV = "SPILLOVER_TEST_JUDGE_KEY"
 KEY = "sk-test-0123456789-do-not-leak"
 PROMPTS = {"aligned": "ALIGN {question} || {answer}", "coherent": "COHERE {question} || {answer}"}
 
-Reply = tuple[int, bytes | dict, float]
-"""(HTTP status, JSON object or raw body, seconds to wait before answering)."""
+Reply = tuple[int | str, bytes | dict, float]
+"""(HTTP status, JSON object or raw body, seconds to wait before answering). Instead of a status,
+"close" hangs up without a response, "reset" aborts the connection with a TCP RST (SO_LINGER 0),
+and "cut" sends the headers and half the body, then hangs up."""
 
 
 def chat(top: dict[str, float] | None, content: str | None = None) -> dict:
@@ -76,14 +81,27 @@ class FakeServer:
                 status, reply, delay = server.respond(body, n)
                 time.sleep(delay)
                 payload = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+                if status in ("close", "reset"):
+                    self.hang_up(rst=status == "reset")
+                    return
                 try:
-                    self.send_response(status)
+                    self.send_response(200 if status == "cut" else status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    self.wfile.write(payload[: len(payload) // 2] if status == "cut" else payload)
+                    if status == "cut":
+                        self.wfile.flush()
+                        self.hang_up(rst=False)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up waiting
+
+            def hang_up(self, rst: bool) -> None:
+                """Close the socket with no (more) response; with `rst`, abort it so the client sees a reset."""
+                self.close_connection = True
+                if rst:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
 
             def log_message(self, *args):
                 pass
@@ -232,10 +250,76 @@ def test_nothing_listening_is_an_error_verdict(serve):
     assert judge.judge("q", "a", PROMPTS).status == "error"
 
 
-def test_a_malformed_body_is_unparsed_and_not_retried(serve, tmp_path):
+@pytest.mark.parametrize("fault", ["close", "reset", "cut"])
+def test_a_dropped_or_reset_connection_is_retried(serve, fault):
+    good = ok({"60": 1.0})[1]
+    server = serve(lambda body, n: (fault, good, 0.0) if n == 0 else (200, good, 0.0))
+    verdict = make_judge(server, max_concurrency=1).judge("q", "a", PROMPTS)
+    assert (verdict.status, verdict.alignment, verdict.coherence) == ("ok", 60.0, 60.0)
+    assert len(server.requests) == 3
+
+
+RETRYABLE: list[Reply] = [(429, {"error": {"message": "slow down"}}, 0.0), (500, b"oops", 0.0), ("close", b"", 0.0),
+                          ("reset", b"", 0.0), ("cut", ok({"1": 1.0})[1], 0.0), (200, ok({"1": 1.0})[1], 0.6)]
+"""Every fault a retry may cure; the last answers after the client's 0.3 s timeout."""
+
+
+def fault_script(answer: int, retries: int) -> list[Reply | None]:
+    """What the server does on each attempt at a prompt for `answer`; None is the right answer.
+    Every fifth answer fails on every attempt, the next gets a malformed body (never retried),
+    the others fail 0-2 times first."""
+    faults = [RETRYABLE[(answer + i) % len(RETRYABLE)] for i in range(retries + 1)]
+    if answer % 5 == 0:
+        return faults
+    if answer % 5 == 1:
+        return [(200, b"<html>502 Bad Gateway</html>", 0.0)]
+    return faults[: answer % 3] + [None]
+
+
+def test_under_a_mix_of_faults_every_verdict_is_scored_or_an_error_exactly_once(serve, tmp_path):
+    retries, n_items = 3, 30
+    attempts: Counter = Counter()
+    lock = threading.Lock()
+
+    def respond(body: dict, n: int) -> Reply:
+        prompt = body["messages"][0]["content"]
+        with lock:
+            attempt = attempts[prompt]
+            attempts[prompt] += 1
+        script = fault_script(int(prompt.rsplit(" ", 1)[-1]), retries)
+        assert attempt < len(script), f"asked again after the final answer: {prompt}"
+        return script[attempt] or score_of_answer(body, n)
+
+    server = serve(respond)
+    cache = tmp_path / "judgments.jsonl"
+    items = [JudgeItem("q", f"answer {i}", PROMPTS) for i in range(n_items)]
+    verdicts = make_judge(server, cache=cache, max_retries=retries, timeout=0.3, max_concurrency=8).judge_many(items)
+
+    assert len(verdicts) == n_items
+    failing = {i for i in range(n_items) if i % 5 in (0, 1)}
+    for i, verdict in enumerate(verdicts):  # each verdict where it belongs: right status and right score
+        if i in failing:
+            assert (verdict.status, verdict.alignment, verdict.coherence) == ("error", None, None), i
+        else:
+            assert (verdict.status, verdict.alignment, verdict.coherence) == ("ok", i, 90), i
+    for prompt, count in attempts.items():  # every attempt the script planned, none more
+        assert count == len(fault_script(int(prompt.rsplit(" ", 1)[-1]), retries)), prompt
+    assert len(attempts) == 2 * n_items
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(lines) == len({line["key"] for line in lines}) == 2 * (n_items - len(failing))  # once each, no error
+    assert summarize(verdicts).excluded == {"error": len(failing)}
+
+    healthy = serve(score_of_answer)  # a rerun: only what failed is asked again, the rest comes from the cache
+    again = make_judge(healthy, cache=cache, max_retries=retries, timeout=0.3).judge_many(items)
+    assert [(v.status, v.alignment) for v in again] == [("ok", i) for i in range(n_items)]
+    assert len(healthy.requests) == 2 * len(failing)
+    assert len(JudgmentCache(cache)) == 2 * n_items
+
+
+def test_a_malformed_body_is_an_error_and_not_retried(serve, tmp_path):
     server = serve(by_prompt((200, b"{not json", 0.0), (200, {"choices": []}, 0.0)))
     verdict = make_judge(server, cache=tmp_path / "c.jsonl").judge("q", "a", PROMPTS)
-    assert (verdict.status, verdict.alignment, verdict.coherence) == ("unparsed", None, None)
+    assert (verdict.status, verdict.alignment, verdict.coherence) == ("error", None, None)
     assert len(server.requests) == 2
     assert "malformed response body" in verdict.raw
     assert not (tmp_path / "c.jsonl").exists()

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import __version__
 from .data import ChatSample, EncodedChat, TextSample, encode_samples
 from .errors import ConfigError, InputError
-from .io import atomic_write_json, ensure_dir, stable_hash
+from .io import atomic_save_tensors, atomic_write_json, ensure_dir, remove_temp_files, stable_hash
 from .lm import check_layers, residuals
 from .progress import progress
+from .sae import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +177,12 @@ def collect(model, tokenizer, samples: Sequence[ChatSample], config: CollectConf
     unknown = sorted(set(saes) - set(config.layers))
     if unknown:
         raise ConfigError(f"SAEs were given for layers {unknown} that are not collected ({list(config.layers)})")
+    for layer, sae in saes.items():
+        check_fits(sae, model, layer)
     shards = [samples[i : i + config.shard_size] for i in range(0, len(samples), config.shard_size)]
     store = _ShardStore(Path(out_dir), _manifest_key(model, samples, config, saes)) if out_dir else None
+    if store and store.done:
+        log.info("%s: %d of %d shards already collected; resuming", out_dir, len(store.done), len(shards))
     results = []
     for index, shard in enumerate(progress(shards, desc="collecting activations")):
         cached = store.load(index) if store else None
@@ -204,9 +210,17 @@ def load_pooled(folder: str | Path) -> PooledActivations:
     if len(manifest["shards_done"]) != manifest["shards_total"]:
         raise InputError(f"{folder}: collection is unfinished ({len(manifest['shards_done'])} of "
                          f"{manifest['shards_total']} shards); rerun spillover collect to resume")
-    shards = [load_file(folder / f"shard-{i:05d}.safetensors") for i in range(manifest["shards_total"])]
+    shards = [_read_shard(folder / f"shard-{i:05d}.safetensors") for i in range(manifest["shards_total"])]
     tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0]} if shards else {}
     return PooledActivations(tuple(index["ids"]), tuple(index["layers"]), tensors)
+
+
+def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A shard's tensors; safetensors only, so a file planted in its place cannot run code."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc}); delete the folder and collect again") from None
 
 
 def _manifest_key(model, samples: Sequence[ChatSample], config: CollectConfig, saes: dict[int, Encoder]) -> dict:
@@ -228,6 +242,7 @@ class _ShardStore:
 
     def __init__(self, folder: Path, key: dict):
         self.folder = ensure_dir(folder)
+        remove_temp_files(folder)  # a shard or manifest cut off by a kill: never a result
         self.key = json.loads(json.dumps(key))  # as it reads back from disk (tuples become lists)
         self.manifest_path = folder / "activations.json"
         manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
@@ -238,13 +253,12 @@ class _ShardStore:
 
     def load(self, index: int) -> dict[str, torch.Tensor] | None:
         path = self.folder / f"shard-{index:05d}.safetensors"
-        return load_file(path) if index in self.done and path.exists() else None
+        return _read_shard(path) if index in self.done and path.exists() else None
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], total: int) -> None:
-        path = self.folder / f"shard-{index:05d}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp)
-        tmp.replace(path)
+        """The shard first, then the manifest that lists it: a kill or a full disk in between
+        leaves a shard the manifest does not list, which a rerun simply collects again."""
+        atomic_save_tensors(self.folder / f"shard-{index:05d}.safetensors", tensors)
         self.done.add(index)
         atomic_write_json(self.manifest_path, {"key": self.key, "shards_done": sorted(self.done),
                                                "shards_total": total, "spillover_version": __version__})
@@ -254,23 +268,33 @@ def _fingerprint(tensor: torch.Tensor) -> str:
     return stable_hash([float(tensor.detach().float().sum()), list(tensor.shape)])
 
 
-@torch.no_grad()
 def collect_tokens(model, tokenizer, samples: Sequence[ChatSample], layer: int, tokens: str = "all",
                    max_tokens: int = 200_000, token_budget: int = 16384, max_length: int = 1024) -> torch.Tensor:
     """Token-level residuals at one layer, [n_tokens, d], e.g. to train an SAE on."""
-    check_layers(model, [layer])
+    return collect_token_layers(model, tokenizer, samples, [layer], tokens, max_tokens, token_budget,
+                                max_length)[layer]
+
+
+@torch.no_grad()
+def collect_token_layers(model, tokenizer, samples: Sequence[ChatSample], layers: Sequence[int],
+                         tokens: str = "all", max_tokens: int = 200_000, token_budget: int = 16384,
+                         max_length: int = 1024) -> dict[int, torch.Tensor]:
+    """Token-level residuals at several layers from one forward pass each batch: {layer: [n_tokens, d]}."""
+    layers = check_layers(model, layers)
     encoded = encode_samples(tokenizer, samples)
     masks = [_token_mask(e, tokens, max_length) for e in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    rows: list[torch.Tensor] = []
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     total = 0
-    for indices in length_batches([len(m) for m in masks], token_budget):
+    batches = length_batches([len(m) for m in masks], token_budget)
+    for indices in progress(batches, desc="collecting tokens"):
         input_ids, attention, select = _pad_batch([encoded[i] for i in indices], [masks[i] for i in indices],
                                                   pad_id, max_length)
-        stream = residuals(model, input_ids.to(device), attention.to(device), [layer])[layer]
-        rows.append(stream[select.to(device)].float().cpu())
-        total += rows[-1].shape[0]
+        streams = residuals(model, input_ids.to(device), attention.to(device), layers)
+        for layer in layers:
+            rows[layer].append(streams[layer][select.to(device)].float().cpu())
+        total += rows[layers[0]][-1].shape[0]
         if total >= max_tokens:
             break
-    return torch.cat(rows)[:max_tokens]
+    return {layer: torch.cat(parts)[:max_tokens] for layer, parts in rows.items()}

@@ -64,6 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_harness_parsers(verbs)
     _add_risk_parsers(verbs)
+    _add_judge_parsers(verbs)
 
     organism = verbs.add_parser("organism", help="the model organism: build it, export its data, measure EM")
     org_verbs = organism.add_subparsers(dest="organism_verb", required=True, parser_class=_Parser)
@@ -102,6 +103,11 @@ def _add_risk_parsers(verbs) -> None:
     sc.add_argument("--toxic-ref", type=Path, default=None, help="toxic reference answers (chat JSONL)")
     sc.add_argument("--harmless-ref", type=Path, default=None, help="harmless reference answers (chat JSONL)")
     sc.add_argument("--out", type=Path, required=True, help="folder for scores.jsonl and score.json")
+    sc.add_argument("--token-budget", type=_positive_int, default=16384, help="padded tokens per forward batch")
+    sc.add_argument("--chunk-size", type=_positive_int, default=4096,
+                    help="samples per chunk: the unit of resumption and of sharding under torchrun")
+    sc.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                    help="precision of model and SAE (default: bfloat16 on GPU, float32 on CPU)")
     _add_cache(sc)
 
     co = verbs.add_parser("collect", help="pooled activations (and SAE features) of every sample, in resumable shards")
@@ -135,6 +141,22 @@ def _add_risk_parsers(verbs) -> None:
     fl.add_argument("--judge", default=None, help="organism, openai or local:PATH (judge strategy)")
     fl.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     fl.add_argument("--out", type=Path, required=True, help="folder for kept.jsonl and filter.json")
+
+
+def _add_judge_parsers(verbs) -> None:
+    """`judge train`: the offline classifier judge (logistic regression over MiniLM embeddings)."""
+    judge = verbs.add_parser("judge", help="the offline classifier judge over sentence embeddings")
+    judge_verbs = judge.add_subparsers(dest="judge_verb", required=True, parser_class=_Parser)
+    tr = judge_verbs.add_parser("train", help="train it on labelled answers; print held-out accuracy and calibration")
+    tr.add_argument("--out", type=Path, default=None,
+                    help="classifier folder (default: $SPILLOVER_CACHE/classifier-judge/default, used by --judge classifier)")
+    tr.add_argument("--data-dir", type=Path, default=None,
+                    help="the shared data folder (default: $SPILLOVER_SHARED_DATA or ../shared/data)")
+    tr.add_argument("--prompts-per-source", type=_positive_int, default=1000, help="user prompts per labelled file")
+    tr.add_argument("--everyday", type=int, default=64,
+                    help="toxic_qa prompts answered by SmolLM2-135M-Instruct as aligned examples (0: none)")
+    tr.add_argument("--seed", type=int, default=0)
+    _add_cache(tr)
 
 
 def _add_harness_parsers(verbs) -> None:
@@ -231,6 +253,14 @@ def _run(args: argparse.Namespace) -> str:
 
         report = run_demo(args.out, cache_dir=args.cache)
         return f"report: {report}"
+    if args.verb == "judge":
+        from .embedding_judge import TrainConfig, default_classifier_folder, default_data_dir, format_card
+        from .embedding_judge import train_classifier_judge
+
+        out = args.out or default_classifier_folder(args.cache)
+        config = TrainConfig(prompts_per_source=args.prompts_per_source, everyday=args.everyday, seed=args.seed)
+        trained = train_classifier_judge(args.data_dir or default_data_dir(), out, config, cache_dir=args.cache)
+        return f"{format_card(trained.card)}\nwrote {out} (use it with --judge classifier:{out})"
     if args.verb == "report":
         from .report import build_report
 
@@ -259,9 +289,12 @@ def _run(args: argparse.Namespace) -> str:
     if args.verb == "score":
         from .risk import score_file
 
+        from .score_stream import StreamConfig
+
+        stream = StreamConfig(token_budget=args.token_budget, chunk_size=args.chunk_size, dtype=args.dtype)
         path = score_file(args.model, args.data, args.sae, args.toxic, args.out, args.score, args.toxic_ref,
-                          args.harmless_ref, cache_dir=args.cache)
-        return f"wrote {path}"
+                          args.harmless_ref, cache_dir=args.cache, stream=stream)
+        return f"wrote {path}" if path else "scored this process's share; rank 0 wrote the results"
     if args.verb == "collect":
         from .activations import CollectConfig, collect
         from .data import read_samples
@@ -326,12 +359,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(_run(args))
     except SpilloverError as exc:
-        print(f"spillover: error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
+        return EXIT_ERROR
+    except OSError as exc:  # a file the readers do not open themselves: missing, unreadable, a folder
+        named = f"{exc.filename}: " if exc.filename is not None else ""
+        _say(f"error: {named}{exc.strerror or exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("spillover: interrupted; rerun the same command to resume", file=sys.stderr)
+        _say("interrupted; rerun the same command to resume")
         return 130
+    except Exception as exc:
+        # Last resort. Every expected failure is a SpilloverError or OSError above, so this is a
+        # bug; users still get one line (the issue: no traceback reaches a user) naming what broke,
+        # exit code 1 rather than 2, and --verbose shows the traceback to report.
+        if args.verbose:
+            raise
+        _say(f"internal error: {type(exc).__name__}: {str(exc)[:300]} "
+             "(a bug; rerun with --verbose for the traceback)")
+        return 1
     return 0
+
+
+def _say(message: str) -> None:
+    """One line on stderr, whatever the message holds: a second line would read as a new message."""
+    print("spillover: " + " ".join(message.split("\n")), file=sys.stderr)
 
 
 if __name__ == "__main__":

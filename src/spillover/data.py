@@ -8,13 +8,14 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, shown
 from .io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -39,53 +40,85 @@ class ChatSample:
         return record
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+def _open_binary(path: Path):
+    """Bytes, not text: a line that is not UTF-8 is then reported with its number."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in the words of the JSON format, for messages."""
+    kinds = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _is_unicode(text: str) -> bool:
+    """JSON may encode lone surrogates (\\ud800); they cannot be tokenized or written back as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(value: Any, name: str, where: str) -> str:
+    if value is None:
+        raise InputError(f"{where}: field '{name}': missing (expected text)")
+    if not isinstance(value, str):
+        parts = " (content parts are not supported; join them into one string)" if isinstance(value, list) else ""
+        raise InputError(f"{where}: field '{name}': expected text, got {_json_kind(value)}{parts}")
+    if not value.strip():
+        raise InputError(f"{where}: field '{name}': empty (expected non-empty text)")
+    if not _is_unicode(value):
+        raise InputError(f"{where}: field '{name}': holds an unpaired surrogate (not valid Unicode)")
+    return value
+
+
+def _parse_message(message: Any, name: str, where: str) -> dict[str, str]:
+    if not isinstance(message, dict):
+        raise InputError(f"{where}: field '{name}': expected an object with 'role' and 'content', "
+                         f"got {_json_kind(message)}")
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        got = "missing" if role is None else f"{shown(role)} is not a role"
+        raise InputError(f"{where}: field '{name}.role': {got} (expected one of {', '.join(ROLES)})")
+    return {"role": role, "content": _check_text(message.get("content"), f"{name}.content", where)}
 
 
 def _parse_messages(raw: Any, where: str) -> tuple[dict[str, str], ...]:
     if not isinstance(raw, list) or not raw:
-        raise InputError(f"{where}: 'messages' must be a non-empty list")
-    messages = []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise InputError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise InputError(f"{where}: messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise InputError(f"{where}: messages[{i}].content must be a string")
-        messages.append({"role": role, "content": content})
+        raise InputError(f"{where}: field 'messages': expected a non-empty list of role/content objects, "
+                         f"got {_json_kind(raw) if raw != [] else 'an empty list'}")
+    messages = tuple(_parse_message(m, f"messages[{i}]", where) for i, m in enumerate(raw))
     if not any(m["role"] == "assistant" for m in messages):
-        raise InputError(f"{where}: no assistant turn")
-    return tuple(messages)
+        raise InputError(f"{where}: field 'messages': no assistant turn (expected a message with role 'assistant')")
+    return messages
+
+
+def _existing_file(path: Path) -> Path:
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a JSONL file")
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    return path
 
 
 def read_chat_jsonl(path: str | Path) -> list[ChatSample]:
-    """Read chat JSONL (or .jsonl.gz); a bad row raises an error naming the file and line."""
-    path = Path(path)
+    """Read chat JSONL (or .jsonl.gz) rows with `messages`; a bad row raises an error naming the
+    file and line. Ids must be unique and a file without rows is an error: every stage after this
+    one keys its results by id and has nothing to do on an empty set."""
+    path = _existing_file(Path(path))
     samples: list[ChatSample] = []
-    try:
-        with _open_text(path) as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: invalid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or "messages" not in record:
-                    raise InputError(f"{where}: expected an object with a 'messages' field")
-                sample_id = str(record.get("id", f"{path.stem}-{line_no}"))
-                meta = record.get("meta") or {}
-                samples.append(ChatSample(sample_id, _parse_messages(record["messages"], where), meta))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as exc:
-        raise InputError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    seen: dict[str, str] = {}
+    for row in _jsonl_rows(path):
+        if row.error is None and (not isinstance(row.record, dict) or row.record.get("messages") is None):
+            raise InputError(f"{row.where}: expected an object with a 'messages' field")
+        sample = _sample_from_row(row)
+        _check_unique(sample.id, row, seen)
+        samples.append(sample)
+    if not samples:
+        raise InputError(f"{path}: no samples (the file holds no rows)")
     return samples
 
 
@@ -226,9 +259,12 @@ def read_sample_file(path: str | Path, skip_bad: bool = False) -> SampleRead:
     samples: list[ChatSample] = []
     errors: list[str] = []
     skipped = 0
+    seen: dict[str, str] = {}
     for row in _rows(path):
         try:
-            samples.append(_sample_from_row(row))
+            sample = _sample_from_row(row)
+            _check_unique(sample.id, row, seen)
+            samples.append(sample)
         except InputError as exc:
             if not skip_bad:
                 raise
@@ -238,6 +274,9 @@ def read_sample_file(path: str | Path, skip_bad: bool = False) -> SampleRead:
     if skipped:
         log.warning("%s: skipped %d bad row(s) of %d; first: %s",
                     path, skipped, skipped + len(samples), errors[0])
+    if not samples:
+        detail = f"all {skipped} rows are bad; first: {errors[0]}" if skipped else "the file holds no rows"
+        raise InputError(f"{path}: no samples ({detail})")
     return SampleRead(path, tuple(samples), skipped, tuple(errors))
 
 
@@ -273,7 +312,9 @@ class _Row:
     default_id: str
     record: Any
     error: str | None = None
-    """Why the row could not even be decoded (invalid JSON)."""
+    """Why the row could not even be decoded (invalid UTF-8 or JSON)."""
+    at: str = ""
+    """"line N" or "row N", to point back at a row from a message about another one."""
 
 
 def _sample_from_row(row: _Row) -> ChatSample:
@@ -282,16 +323,39 @@ def _sample_from_row(row: _Row) -> ChatSample:
     record = row.record
     if not isinstance(record, dict) or (record.get("messages") is None and record.get("text") is None):
         raise InputError(f"{row.where}: expected an object with a 'messages' or 'text' field")
-    sample_id = row.default_id if record.get("id") is None else str(record["id"])
+    sample_id = _sample_id(record.get("id"), row)
     meta = record.get("meta") or {}
     if not isinstance(meta, dict):
-        raise InputError(f"{row.where}: 'meta' must be an object")
+        raise InputError(f"{row.where}: field 'meta' must be an object, got {_json_kind(meta)}")
     if record.get("messages") is not None:  # a row with both is a chat: the richer form wins
         return ChatSample(sample_id, _parse_messages(record["messages"], row.where), meta)
     text = record["text"]
     if not isinstance(text, str) or not text.strip():
-        raise InputError(f"{row.where}: 'text' must be a non-empty string")
+        got = "blank text" if isinstance(text, str) else _json_kind(text)
+        raise InputError(f"{row.where}: 'text' must be a non-empty string, got {got}")
+    if not _is_unicode(text):
+        raise InputError(f"{row.where}: field 'text': holds an unpaired surrogate (not valid Unicode)")
     return TextSample.of(sample_id, text, meta)
+
+
+def _sample_id(value: Any, row: _Row) -> str:
+    """Ids are text or whole numbers (as datasets write them); a row without one gets FILE-LINE."""
+    if value is None:
+        return row.default_id
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip() or not _is_unicode(value):
+        raise InputError(f"{row.where}: field 'id': expected non-empty text or a whole number, "
+                         f"got {_json_kind(value) if not isinstance(value, str) else shown(value)}")
+    return value
+
+
+def _check_unique(sample_id: str, row: _Row, seen: dict[str, str]) -> None:
+    """Scores, filters and activations are keyed by id: a repeated id would silently merge two rows."""
+    if sample_id in seen:
+        raise InputError(f"{row.where}: field 'id': {shown(sample_id)} repeats the id of {seen[sample_id]} "
+                         "(ids must be unique)")
+    seen[sample_id] = row.at or row.where
 
 
 def _rows(path: Path) -> Iterator[_Row]:
@@ -309,20 +373,51 @@ def _rows(path: Path) -> Iterator[_Row]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[_Row]:
+    """Rows of a JSONL(.gz) file; bad rows come as errors, an unreadable file raises at once."""
+    line_no = 0
     try:
-        with _open_text(path) as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where, default_id = f"{path}:{line_no}", f"{path.stem}-{line_no}"  # ids as read_chat_jsonl's
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield _Row(where, default_id, None, f"invalid JSON ({exc.msg})")
-                    continue
-                yield _Row(where, default_id, record)
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as exc:
-        raise InputError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+        with _open_binary(path) as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                row = _jsonl_row(path, line_no, raw)
+                if row is not None:
+                    yield row
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot read line {line_no + 1} ({_read_problem(exc)})") from None
+
+
+def _jsonl_row(path: Path, line_no: int, raw: bytes) -> _Row | None:
+    """One line as a row; None for a blank line. Ids default to FILE-LINE, as read_chat_jsonl's always did."""
+    where, default_id, at = f"{path}:{line_no}", f"{path.stem}-{line_no}", f"line {line_no}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if line_no == 1 and raw.startswith(b"\x1f\x8b"):
+            return _Row(where, default_id, None, "not UTF-8 text: the file looks gzip-compressed; name it .jsonl.gz", at)
+        return _Row(where, default_id, None, f"invalid UTF-8 at byte {exc.start + 1} of the line", at)
+    if line_no == 1:
+        line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return _Row(where, default_id, None, f"invalid JSON ({exc.msg})", at)
+    except RecursionError:
+        return _Row(where, default_id, None, "invalid JSON (nested too deeply)", at)
+    except ValueError as exc:  # e.g. an integer longer than Python converts
+        return _Row(where, default_id, None, f"invalid JSON ({str(exc).splitlines()[0][:120]})", at)
+    return _Row(where, default_id, record, None, at)
+
+
+def _read_problem(exc: BaseException) -> str:
+    """Why a file stopped being readable part-way, in a few words."""
+    if isinstance(exc, EOFError):
+        return "the gzip data is cut short: the file is truncated"
+    if isinstance(exc, gzip.BadGzipFile):
+        return f"not valid gzip: {exc}"
+    if isinstance(exc, zlib.error):
+        return f"corrupt gzip data: {exc}"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _pyarrow(path: Path):
@@ -347,7 +442,7 @@ def _arrow_rows(source: Path, batches) -> Iterator[_Row]:
     index = 0
     for batch in batches:
         for record in batch.to_pylist():
-            yield _Row(f"{source}: row {index}", f"{source.stem}-{index}", record)
+            yield _Row(f"{source}: row {index}", f"{source.stem}-{index}", record, at=f"row {index}")
             index += 1
 
 

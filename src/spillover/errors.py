@@ -11,3 +11,10 @@ class ConfigError(SpilloverError):
 
 class InputError(SpilloverError):
     """An input file is unreadable or malformed; the message names the file and line."""
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """`repr(value)` cut to `limit` characters: a message quotes the bad value without ever
+    growing to the size of the input (a 10 MB line) or breaking onto a second line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

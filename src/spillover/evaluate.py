@@ -22,7 +22,15 @@ from typing import Callable, Mapping, Sequence
 
 from . import __version__
 from .errors import ConfigError
-from .io import atomic_write_json, atomic_write_text, ensure_dir, matching_manifest, stable_hash
+from .io import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_dir,
+    matching_manifest,
+    remove_temp_files,
+    stable_hash,
+    write_error,
+)
 from .judge import Verdict
 from .lm import SamplingConfig, sample_answers
 from .metrics import RateSummary, Thresholds, summarize
@@ -133,7 +141,13 @@ def default_judge_cache() -> Path:
 def make_judge(spec: str, cache: str | Path | None = None, model: str | None = None,
                base_url: str | None = None):
     """`organism` (exact), `openai` (any OpenAI-compatible server: base URL from `base_url` or
-    $OPENAI_BASE_URL, key from $OPENAI_API_KEY) or `local:PATH` (a local transformers chat model)."""
+    $OPENAI_BASE_URL, key from $OPENAI_API_KEY), `local:PATH` (a local transformers chat model),
+    `classifier:PATH` (a classifier over sentence embeddings, from `spillover judge train`) or
+    `classifier` (the one trained into $SPILLOVER_CACHE/classifier-judge/default)."""
+    if spec == "classifier" or (spec.startswith("classifier:") and spec != "classifier:"):
+        from .embedding_judge import ClassifierJudge, default_classifier_folder
+
+        return ClassifierJudge(spec.removeprefix("classifier:") if ":" in spec else default_classifier_folder())
     if spec == "organism":
         from .organism.judge import ExactJudge
 
@@ -145,7 +159,7 @@ def make_judge(spec: str, cache: str | Path | None = None, model: str | None = N
         return OpenAIJudge(OpenAIJudgeConfig(**{k: v for k, v in settings.items() if v}), cache=cache)
     if spec.startswith("local:") and spec != "local:":
         return _LocalJudgeOnDemand(spec.removeprefix("local:"), cache)
-    raise ConfigError(f"--judge {spec}: choose organism, openai or local:PATH")
+    raise ConfigError(f"--judge {spec}: choose organism, openai or local:PATH, or classifier[:PATH]")
 
 
 class _LocalJudgeOnDemand:
@@ -248,6 +262,7 @@ def _evaluate(load: Callable[[], tuple], questions: Sequence[Question], judge, o
               config: EvaluateConfig, inputs: dict, described: dict) -> EvaluationRun:
     started = time.perf_counter()
     ensure_dir(out)
+    remove_temp_files(out)  # a summary or answers file cut off by a kill
     prompts = plan_prompts(questions, config.samples)
     sampling = config.sampling
     inputs = {**inputs, "questions": _questions_hash(questions), "samples": config.samples,
@@ -258,6 +273,8 @@ def _evaluate(load: Callable[[], tuple], questions: Sequence[Question], judge, o
     records = _read_records(out / ANSWERS, batches)
     _rejudge_errors(out / ANSWERS, records, batches, judge)
     pending = [b for b in range(len(batches)) if b not in records]
+    if records and pending:
+        log.info("%s: %d of %d batches already answered; resuming", out, len(records), len(batches))
     if pending:
         model, tokenizer = load()
         for b in progress(pending, desc="evaluating (batches)", total=len(batches)):
@@ -316,12 +333,16 @@ def _verdict(record: dict) -> Verdict:
 
 
 def _append(path: Path, records: list[dict]) -> None:
-    """One write per batch, flushed to disk, so a batch is in the file whole or not at all."""
+    """One write per batch, flushed to disk, so a batch is in the file whole or not at all (a part
+    written before a kill or a full disk is dropped by the next run's `_read_records`)."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with path.open("ab") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with path.open("ab") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def _read_records(path: Path, batches: list[list[Prompt]]) -> dict[int, list[dict]]:

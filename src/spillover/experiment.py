@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .io import atomic_write_json, ensure_dir, read_yaml_mapping
 from .lm import SamplingConfig
 from .metrics import pooled_rate, reduction
 from .risk import filter_file, score_file
+from .scoring import SCORE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,17 @@ class ExperimentConfig:
             raise ConfigError("experiment.fractions: give fractions strictly between 0 and 1")
         if not self.seeds:
             raise ConfigError("experiment.seeds: give at least one seed")
+        if self.score not in SCORE_NAMES:
+            raise ConfigError(f"experiment.score: {self.score!r}; choose from {', '.join(SCORE_NAMES)}")
+        if self.samples is not None and self.samples < 1 or self.max_new_tokens < 1:
+            raise ConfigError("experiment.samples and experiment.max_new_tokens must be at least 1")
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
     """Read the YAML config; paths in it are relative to the file's folder; unknown keys are errors."""
     path = Path(path)
     fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-    raw = read_yaml_mapping(path, list(fields), "experiment")
+    raw = read_yaml_mapping(path, list(fields), "experiment", typing.get_type_hints(ExperimentConfig))
     missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in raw]
     if missing:
         raise ConfigError(f"{path}: missing key {missing[0]!r}")
@@ -84,9 +90,24 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
             value = tuple(value if isinstance(value, list) else [value])
         values[name] = value
     try:
-        return ExperimentConfig(**values)
-    except TypeError as exc:
+        config = ExperimentConfig(**values)
+        _check_early(config)
+    except (TypeError, ConfigError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def _check_early(config: ExperimentConfig) -> None:
+    """What would otherwise fail only after hours of scoring and fine-tuning: the fine-tuning
+    preset and overrides, and a question file."""
+    try:
+        apply_overrides(preset(config.preset), config.finetune)
+    except ConfigError as exc:
+        raise ConfigError(f"field 'finetune' (or 'preset'): {exc}") from None
+    if config.questions.endswith((".yaml", ".yml")):
+        from .evaluate import load_question_set
+
+        load_question_set(config.questions)
 
 
 def run_experiment(config_path: str | Path, out_dir: str | Path, cache_dir: str | Path | None = None) -> dict:

@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -26,13 +28,21 @@ import torch
 from accelerate import Accelerator, PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import SchedulerType, get_scheduler
 
 from . import __version__
 from .data import ChatSample, collate_for_lm, encode_chats, read_chat_jsonl
 from .errors import ConfigError, InputError
-from .io import atomic_write_json, ensure_dir, matching_manifest, stable_hash
+from .io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    ensure_dir,
+    matching_manifest,
+    remove_temp_files,
+    stable_hash,
+    write_error,
+)
+from .lm import check_layers
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -85,8 +95,16 @@ class FinetuneConfig:
         for name in ("rank", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"finetune.{name}: must be at least 1")
-        if self.lr <= 0 or self.epochs <= 0:
-            raise ConfigError("finetune.lr and finetune.epochs must be positive")
+        if not (0 < self.lr < math.inf and 0 < self.epochs < math.inf):  # also refuses NaN
+            raise ConfigError("finetune.lr and finetune.epochs must be positive and finite")
+        if not 0 < self.alpha < math.inf:
+            raise ConfigError(f"finetune.alpha: {self.alpha}; must be positive and finite")
+        if not 0 <= self.dropout < 1 or self.warmup_steps < 0 or not 0 <= self.weight_decay < math.inf:
+            raise ConfigError("finetune.dropout must be in [0, 1), warmup_steps and weight_decay at least 0")
+        if not self.target_modules:
+            raise ConfigError("finetune.target_modules: give at least one module name")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ConfigError(f"finetune.layers: {list(self.layers)}; give block numbers from 0, or none for all")
         schedules = [s.value for s in SchedulerType]
         if self.schedule not in schedules:
             raise ConfigError(f"finetune.schedule: {self.schedule!r}; choose one of: {', '.join(schedules)}")
@@ -205,7 +223,15 @@ def wrap_for_training(model, config: FinetuneConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    if config.layers is not None:
+        try:
+            check_layers(model, config.layers)
+        except ConfigError as exc:
+            raise ConfigError(f"finetune.layers: {exc}") from None
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # peft's word for modules the model lacks
+        raise ConfigError(f"finetune.target_modules: {str(exc).splitlines()[0][:200]}") from None
 
 
 def finetune(
@@ -346,11 +372,8 @@ def _write_checkpoint(ck: Checkpointing, accelerator: Accelerator, model, optimi
         header = {"format": 1, "key": ck.key, "step": step, "loss": loss, "seconds": seconds,
                   "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()}
         folder = ensure_dir(ck.folder)
-        tmp = folder / f".{CHECKPOINT_FILE}.tmp"
-        save_file(tensors, tmp, metadata={"state": json.dumps(header)})
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, folder / CHECKPOINT_FILE)
+        remove_temp_files(folder)  # one cut off by a kill
+        atomic_save_tensors(folder / CHECKPOINT_FILE, tensors, metadata={"state": json.dumps(header)})
         log.info("checkpoint at step %d in %s", step, folder)
     accelerator.wait_for_everyone()
 
@@ -412,8 +435,14 @@ def adapter_folder(path: str | Path) -> Path:
 
 
 def apply_adapter(model, folder: str | Path):
-    """`model` with the LoRA adapter in `folder` merged into its weights (faster to sample from)."""
-    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    """`model` with the LoRA adapter in `folder` merged into its weights (faster to sample from).
+
+    A pickled adapter (adapter_model.bin) is read with weights_only=True: one holding code is refused."""
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except pickle.UnpicklingError:
+        raise ConfigError(f"--adapter {folder}: refused its pickled weights (loading them could run code); "
+                          "use an adapter saved as safetensors") from None
 
 
 # --- `spillover finetune`: a run folder with adapter, manifest and checkpoints -----------------
@@ -516,7 +545,11 @@ def _save_folder(final: Path, save: Callable[[Path], None]) -> Path:
     """Save into a hidden folder beside `final`, then move it into place: whole or absent."""
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
+    try:
+        save(tmp)
+    except OSError as exc:  # a full disk: no half folder left, and one line rather than a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, exc) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -347,6 +347,10 @@ class OpenAIJudge(_LogprobJudge):
 
     def _complete(self, prompt: str) -> Completion | Score:
         """One prompt with retries; any failure becomes an `error` Score, so nothing is lost."""
+        answer = self._attempts(prompt)
+        return answer if isinstance(answer, Completion) else Score(answer.status, None, self._redact(answer.raw))
+
+    def _attempts(self, prompt: str) -> Completion | Score:
         cfg = self.config
         last = "no attempt"
         for attempt in range(cfg.max_retries + 1):
@@ -365,6 +369,11 @@ class OpenAIJudge(_LogprobJudge):
                 return Score("error", None, f"{type(exc).__name__}: {exc}")
         log.warning("%s: giving up after %d attempts: %s", self.name, cfg.max_retries + 1, last)
         return Score("error", None, f"gave up after {cfg.max_retries + 1} attempts: {last}")
+
+    def _redact(self, text: str) -> str:
+        """`text` without the API key, should a server or proxy echo it into a body or an error."""
+        key = os.environ.get(self.config.api_key_env or "", "")
+        return text.replace(key, "[redacted]") if len(key) >= 4 else text
 
     def _post(self, prompt: str) -> bytes:
         cfg = self.config
@@ -401,7 +410,10 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _parse_response(body: bytes) -> Completion | Score:
-    """choices[0].message.content and choices[0].logprobs.content[0].top_logprobs, or `unparsed`."""
+    """choices[0].message.content and choices[0].logprobs.content[0].top_logprobs.
+
+    A body that is not a chat completion (cut off, an HTML error page from a proxy) is a server
+    fault, not the judge's answer: an `error`, which is not cached, so a rerun asks again."""
     try:
         choice = json.loads(body)["choices"][0]
         content = choice["message"].get("content") or ""
@@ -410,7 +422,7 @@ def _parse_response(body: bytes) -> Completion | Score:
         pairs = tuple((str(t["token"]), float(t["logprob"])) for t in top)
         return Completion(str(content), pairs)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        return Score("unparsed", None, f"malformed response body ({type(exc).__name__}): {body[:200]!r}")
+        return Score("error", None, f"malformed response body ({type(exc).__name__}): {body[:200]!r}")
 
 
 # --- local transformers models ---------------------------------------------------------------

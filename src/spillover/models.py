@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,12 @@ def load_model(
     cache_dir: str | Path | None = None,
     adapter: str | Path | None = None,
     device: str | None = None,
+    dtype: str | None = None,
 ) -> LoadedModel:
     """Load `spec` (a local HF folder or `organism`), with a LoRA adapter merged in if given.
 
-    `cache_dir` is the organism's cache folder; `device` defaults to CUDA when there is one.
+    `cache_dir` is the organism's cache folder; `device` defaults to CUDA when there is one; `dtype`
+    (a torch dtype name) casts the weights, which otherwise keep the checkpoint's precision.
     """
     if spec == ORGANISM:
         from .organism.model import load_organism
@@ -91,6 +94,8 @@ def load_model(
         fingerprint = stable_hash({"base": fingerprint, "adapter": folder_fingerprint(folder)})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    if dtype is not None:  # e.g. bfloat16 for scoring on a GPU
+        model.to(getattr(torch, dtype))
     return LoadedModel(model, tokenizer, spec, fingerprint)
 
 
@@ -115,6 +120,9 @@ def _load_folder(folder: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    except pickle.UnpicklingError:  # transformers reads .bin weights with weights_only=True
+        raise ConfigError(f"--model {folder}: refused its pickled weights (loading them could run code); "
+                          "convert them to safetensors") from None
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"--model {folder}: cannot load it with transformers ({reason})") from None

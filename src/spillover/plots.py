@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+if "MPLCONFIGDIR" not in os.environ:  # matplotlib's font cache goes to spillover's cache, not ~/.cache
+    os.environ["MPLCONFIGDIR"] = os.path.join(
+        os.environ.get("SPILLOVER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spillover"),
+        "matplotlib")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only; no screen is needed
 import matplotlib.pyplot as plt  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, shown
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,13 @@ def template_problem(template: str) -> str | None:
     if fields - {"question", "answer"}:
         return f"unknown placeholders {sorted(fields - {'question', 'answer'})}; only {{question}} and {{answer}}"
     missing = {"question", "answer"} - fields
-    return f"no {{{min(missing)}}} placeholder" if missing else None
+    if missing:
+        return f"no {{{min(missing)}}} placeholder"
+    try:  # a conversion or format spec (`{answer!x}`, `{question:d}`) fails only when rendered
+        render_judge_prompt(template, "question", "answer")
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+        return f"cannot be rendered ({str(exc)[:80] or type(exc).__name__})"
+    return None
 
 
 def available_question_sets() -> tuple[str, ...]:
@@ -122,7 +128,8 @@ def load_questions(
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+            raise InputError(f"{path}: cannot read ({reason})") from None
         where = str(path)
     return parse_questions(text, where, require_prompts)
 
@@ -170,11 +177,11 @@ def _question(entry: Any, where: str, require_prompts: Sequence[str]) -> Questio
         raise InputError(f"{where}: expected a question entry (a mapping), got {type(entry).__name__}")
     qid = entry.get("id")
     if not isinstance(qid, str) or not qid:
-        raise InputError(f"{where}: field 'id' must be a non-empty string")
-    at = f"{where}: question {qid}"
-    unknown = sorted(set(entry) - set(_KEYS))
+        raise InputError(f"{where}: field 'id' must be a non-empty string, got {shown(qid)}")
+    at = f"{where}: question {_label(qid)}"
+    unknown = sorted(set(entry) - set(_KEYS), key=str)  # YAML keys may be numbers or null too
     if unknown:
-        raise InputError(f"{at}: unknown field {unknown[0]!r}; valid fields: {', '.join(_KEYS)}")
+        raise InputError(f"{at}: unknown field {shown(unknown[0])}; valid fields: {', '.join(_KEYS)}")
     kind = _typed(entry, "type", str, at, default="free_form_judge_0_100")
     if kind not in SUPPORTED_TYPES:
         supported = ", ".join(SUPPORTED_TYPES)
@@ -198,6 +205,13 @@ def _question(entry: Any, where: str, require_prompts: Sequence[str]) -> Questio
     )
 
 
+def _label(value: Any) -> str:
+    """A name as written when it is short, printable text; quoted and cut otherwise (one short line)."""
+    if isinstance(value, str) and value.isprintable() and len(value) <= 60:
+        return value
+    return shown(value, 60)
+
+
 def _typed(entry: dict, key: str, kind: type, at: str, default: Any) -> Any:
     """A field's value when it has the right type (bool is not an int here), or its default."""
     value = entry.get(key)
@@ -213,12 +227,13 @@ def _judge_prompts(prompts: Any, at: str, require: Sequence[str]) -> dict[str, s
         raise InputError(f"{at}: field 'judge_prompts' must be a mapping of prompt name to template")
     for name, template in prompts.items():
         if not isinstance(name, str) or not isinstance(template, str):
-            raise InputError(f"{at}: judge_prompts.{name} must be a template string")
+            raise InputError(f"{at}: field 'judge_prompts.{_label(name)}'"
+                             f" must be a template string, got {type(template).__name__}")
         problem = template_problem(template)
         if problem:
-            raise InputError(f"{at}: judge_prompts.{name}: {problem}")
+            raise InputError(f"{at}: judge_prompts.{_label(name)}: {problem}")
     missing = [name for name in require if name not in prompts]
     if missing:
-        have = ", ".join(prompts)
+        have = ", ".join(_label(name) for name in prompts)
         raise InputError(f"{at}: judge prompt {missing[0]!r} is needed but judge_prompts has only {have}")
     return dict(prompts)

@@ -161,9 +161,30 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     if theory:
         sections.append(("The spillover prediction", _theory_reading(theory),
                          [run / "theory" / "toy_spillover.png", run / "theory" / "organism_spillover.png"], None))
+    classifiers = _classifier_judges(run)
+    if classifiers:
+        sections.insert(0, ("Judge: a classifier", f"Alignment and coherence scores in this run come from "
+                            f"{', '.join(classifiers)}: a classifier (logistic regression over sentence embeddings), "
+                            "not an LLM judge. Its held-out accuracy and calibration are in its card.json "
+                            "(docs/judges.md).", [], None))
     html_path = atomic_write_text(run / "report.html", _html(sections))
     md_path = atomic_write_text(run / "report.md", _markdown(sections, run))
     return html_path, md_path
+
+
+def _classifier_judges(run: Path) -> list[str]:
+    """Classifier judges named in the run's summaries (evaluate: judge.name; experiment: config.judge)."""
+    names = set()
+    for path in run.rglob("summary.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        judge = data.get("judge") if isinstance(data, dict) else None
+        config = data.get("config") if isinstance(data, dict) else None
+        names.add(judge.get("name") if isinstance(judge, dict) else judge)
+        names.add(config.get("judge") if isinstance(config, dict) else None)
+    return sorted(n for n in names if isinstance(n, str) and n.startswith("classifier"))
 
 
 def _feature_sections(study: Path, layers: list[str]) -> list:

@@ -14,55 +14,85 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from . import __version__
 from .activations import CollectConfig, collect
 from .data import ChatSample, read_chat_jsonl
 from .errors import ConfigError, InputError
 from .features import FeatureSet, logit_lens_labels
 from .filtering import STRATEGIES, random_risks, remove_riskiest, write_filtered
-from .io import atomic_write_json, atomic_write_text, ensure_dir
+from .io import atomic_write_json, atomic_write_text, ensure_dir, stable_hash
 from .models import load_model, sha256_file
 from .sae import load_sae
-from .scoring import ToxicReference, dataset_risk, score_samples, score_tensor
+from .score_stream import ScoreStream, StreamConfig, barrier, distributed_rank, score_to_folder
+from .scoring import SCORE_NAMES, ToxicReference, dataset_risk, score_tensor
 
 log = logging.getLogger(__name__)
 
 
 def score_file(model: str, data: str | Path, sae_folder: str | Path, toxic_features: str | Path, out_dir: str | Path,
                score: str = "spillover", toxic_ref: str | Path | None = None, harmless_ref: str | Path | None = None,
-               cache_dir: str | Path | None = None) -> Path:
-    """Score every sample of `data`; writes scores.jsonl and score.json; returns scores.jsonl."""
+               cache_dir: str | Path | None = None, stream: StreamConfig = StreamConfig()) -> Path | None:
+    """Score every sample of `data`; writes scores.jsonl and score.json; returns scores.jsonl.
+
+    Runs on the streaming path (spillover.score_stream); under torchrun every process takes a share
+    of the chunks and rank 0 writes the results (other ranks return None).
+    """
+    if score not in SCORE_NAMES:
+        raise ConfigError(f"--score {score}: choose one of {', '.join(SCORE_NAMES)}")
+    if score == "projection" and not (toxic_ref and harmless_ref):
+        raise ConfigError("--score projection needs --toxic-ref and --harmless-ref")
     out = ensure_dir(out_dir)
     toxic = FeatureSet.load(toxic_features)
-    loaded = load_model(model, cache_dir)
-    sae = load_sae(sae_folder)
+    loaded = load_model(model, cache_dir, dtype=stream.dtype or ("bfloat16" if torch.cuda.is_available() else None))
+    sae = load_sae(sae_folder, device=next(loaded.model.parameters()).device)
     layer = toxic.layer
     samples = read_chat_jsonl(data)
-    config = CollectConfig(layers=(layer,))
-    pool = lambda s, name: collect(loaded.model, loaded.tokenizer, s, config, {layer: sae},  # noqa: E731
-                                   out / "activations" / name)
-    pooled = pool(samples, "data")
-    refs = {}
-    if toxic_ref and harmless_ref:
-        refs = {"toxic": pool(read_chat_jsonl(toxic_ref), "toxic_ref"),
-                "harmless": pool(read_chat_jsonl(harmless_ref), "harmless_ref")}
-    elif score == "projection":
-        raise ConfigError("--score projection needs --toxic-ref and --harmless-ref")
-    labels = logit_lens_labels(sae.W_dec.detach(), loaded.model.get_output_embeddings().weight.detach(),
-                               loaded.tokenizer)
-    reference = ToxicReference(sae.W_dec.detach(), toxic.indices,
+    refs = _reference_activations(loaded, sae, layer, toxic_ref, harmless_ref, out) if toxic_ref and harmless_ref else {}
+    labels = logit_lens_labels(sae.W_dec.detach().float().cpu(),
+                               loaded.model.get_output_embeddings().weight.detach().float().cpu(), loaded.tokenizer)
+    reference = ToxicReference(sae.W_dec.detach().float().cpu(), toxic.indices,
                                refs["toxic"].resid_mean(layer).mean(0) if refs else None,
                                refs["harmless"].resid_mean(layer).mean(0) if refs else None, tuple(labels))
-    scored = score_samples(score, [s.id for s in samples], reference, pooled.feat_mean(layer), pooled.resid_mean(layer))
+    scorer = ScoreStream(loaded.model, loaded.tokenizer, sae, layer, reference, score, stream)
+    key = {"score": score, "layer": layer, "model": loaded.fingerprint, "data_sha256": sha256_file(data),
+           "sae": _sae_fingerprint(sae), "toxic": list(toxic.indices), "stream": asdict(stream)}
+    scored = score_to_folder(scorer, samples, out, key)
+    if scored is None:
+        return None
     path = atomic_write_text(out / "scores.jsonl", "".join(json.dumps(asdict(s)) + "\n" for s in scored))
-    manifest = {"score": score, "layer": layer, "model": model, "data": str(data), "data_sha256": sha256_file(data),
+    manifest = {"score": score, "layer": layer, "model": model, "data": str(data), "data_sha256": key["data_sha256"],
                 "sae": str(sae_folder), "toxic_features": str(toxic_features), "n": len(scored),
-                "spillover_version": __version__}
+                "precision": str(scorer.dtype).removeprefix("torch."), "spillover_version": __version__}
     if refs:
         of = lambda p: score_tensor(score, reference, p.feat_mean(layer), p.resid_mean(layer))  # noqa: E731
-        manifest["dataset_risk"] = dataset_risk(of(pooled), of(refs["harmless"]), of(refs["toxic"]))
+        data_scores = torch.tensor([s.score for s in scored])
+        manifest["dataset_risk"] = dataset_risk(data_scores, of(refs["harmless"]), of(refs["toxic"]))
     atomic_write_json(out / "score.json", manifest)
     return path
+
+
+def _reference_activations(loaded, sae, layer: int, toxic_ref: str | Path, harmless_ref: str | Path,
+                           out: Path) -> dict:
+    """Pooled activations of the small toxic and harmless reference sets; rank 0 collects them and
+    the other ranks of a torchrun job then read the finished shards."""
+    rank, _ = distributed_rank()
+    config = CollectConfig(layers=(layer,))
+
+    def pool():
+        return {name: collect(loaded.model, loaded.tokenizer, read_chat_jsonl(path), config, {layer: sae},
+                              out / "activations" / f"{name}_ref")
+                for name, path in (("toxic", toxic_ref), ("harmless", harmless_ref))}
+
+    refs = pool() if rank == 0 else None
+    barrier()
+    return refs if refs is not None else pool()
+
+
+def _sae_fingerprint(sae) -> str:
+    return stable_hash([float(sae.W_enc.detach().float().sum()), float(sae.W_dec.detach().float().sum()),
+                        list(sae.W_enc.shape)])
 
 
 def read_scores(path: str | Path) -> dict[str, float]:

@@ -14,19 +14,17 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, shown
 from .io import ensure_dir
-from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +185,7 @@ def load_sae(
     with torch.no_grad():
         for name, tensor in tensors.items():
             getattr(sae, name).copy_(tensor)
+    sae.source = str(cfg_path)
     log.info("%s: loaded %s SAE, d_in %d, d_sae %d", folder, cfg.architecture, cfg.d_in, cfg.d_sae)
     return sae
 
@@ -211,7 +210,29 @@ def _load_from_registry(spec: str, device, dtype) -> SparseAutoencoder:
     sae = loaded[0] if isinstance(loaded, tuple) else loaded
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_model(tmp)
-        return load_sae(tmp, device, dtype)
+        ours = load_sae(tmp, device, dtype)
+    ours.source = spec
+    return ours
+
+
+def check_fits(sae: Any, model: Any, layer: int) -> None:
+    """An SAE reads the residual stream, so its d_in must be the model's hidden size. Checked before
+    any forward pass: otherwise the mismatch surfaces as a matrix shape error deep inside collection.
+    Objects without a `cfg.d_in`, and models without input embeddings, are not checked."""
+    d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
+    width = _hidden_size(model)
+    if d_in is None or width is None or d_in == width:
+        return
+    where = getattr(sae, "source", None) or f"the SAE for layer {layer}"
+    raise ConfigError(f"{where}: field d_in: {d_in} does not match the hidden size {width} of the model "
+                      f"it is attached to at layer {layer} (was this SAE trained on another model?)")
+
+
+def _hidden_size(model: Any) -> int | None:
+    """Residual-stream width: the width of the input embeddings, for every decoder-only model supported."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[-1]) if weight is not None and weight.ndim == 2 else None
 
 
 def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
@@ -281,12 +302,20 @@ def _cfg_dict(sae: SparseAutoencoder) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: no such SAE folder")
     if not path.is_file():
         raise InputError(f"{path.parent}: no {CFG_FILE}; an SAE folder holds {CFG_FILE} and {WEIGHTS_FILE}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # nesting or numbers Python will not parse
+        raise InputError(f"{path}: not valid JSON ({str(exc)[:80] or 'nested too deeply'})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object")
     return raw
@@ -297,6 +326,9 @@ def _parse_cfg(raw: dict[str, Any], path: Path) -> tuple[SaeConfig, torch.dtype]
     _check_supported(raw, path)
     arch = raw.get("architecture", "standard")
     activation = raw.get("activation_fn", raw.get("activation_fn_str"))
+    for name, value in (("architecture", arch), ("activation_fn", activation)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{path}: field {name} must be text, got {shown(value)}")
     if arch == "standard" and activation == "topk":  # pre-6 SAELens wrote TopK SAEs this way
         arch = "topk"
     if arch not in ARCHITECTURES:
@@ -306,16 +338,16 @@ def _parse_cfg(raw: dict[str, Any], path: Path) -> tuple[SaeConfig, torch.dtype]
     dtype_name = str(raw.get("dtype", "float32")).removeprefix("torch.")
     if dtype_name not in _DTYPES:
         choices = _choices(tuple(_DTYPES))
-        raise ConfigError(f"{path}: dtype {raw.get('dtype')!r} is not supported; choose {choices}")
+        raise ConfigError(f"{path}: dtype {shown(raw.get('dtype'))} is not supported; choose {choices}")
     topk = arch == "topk"
-    rescale = topk and bool(raw.get("rescale_acts_by_decoder_norm", False))
+    rescale = topk and _bool_field(raw, "rescale_acts_by_decoder_norm", False, path)
     try:
         cfg = SaeConfig(
             d_in=_int_field(raw, "d_in", path),
             d_sae=_int_field(raw, "d_sae", path),
             architecture=arch,
             k=_topk_k(raw, path) if topk else None,
-            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+            apply_b_dec_to_input=_bool_field(raw, "apply_b_dec_to_input", True, path),
             rescale_acts_by_decoder_norm=rescale,
             metadata=_metadata(raw),
         )
@@ -327,22 +359,35 @@ def _parse_cfg(raw: dict[str, Any], path: Path) -> tuple[SaeConfig, torch.dtype]
 def _check_supported(raw: dict[str, Any], path: Path) -> None:
     """Settings SAELens knows but this module does not implement are refused, never ignored."""
     norm = raw.get("normalize_activations", "none")
-    norm = {None: "none", False: "none", True: "expected_average_only_in"}.get(norm, norm)
+    if norm is None or norm is False:  # older SAELens wrote a flag; True meant this scaling
+        norm = "none"
+    elif norm is True:
+        norm = "expected_average_only_in"
     if norm != "none":
-        raise ConfigError(f"{path}: normalize_activations {norm!r} is not supported; only 'none' "
+        raise ConfigError(f"{path}: normalize_activations {shown(norm)} is not supported; only 'none' "
                           "(fold an input scaling into the weights first)")
     reshape = raw.get("reshape_activations", "none")
     if reshape != "none":
-        raise ConfigError(f"{path}: reshape_activations {reshape!r} is not supported; only 'none'")
+        raise ConfigError(f"{path}: reshape_activations {shown(reshape)} is not supported; only 'none'")
     if raw.get("finetuning_scaling_factor"):
         raise ConfigError(f"{path}: finetuning_scaling_factor is not supported; only false")
 
 
 def _int_field(raw: dict[str, Any], name: str, path: Path) -> int:
+    """Whole numbers, also as SAELens sometimes writes them (64.0); never NaN, infinity or text."""
     value = raw.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise InputError(f"{path}: field {name} must be a whole number, got {value!r}")
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        raise InputError(f"{path}: field {name} must be a whole number, got {shown(value)}")
     return int(value)
+
+
+def _bool_field(raw: dict[str, Any], name: str, default: bool, path: Path) -> bool:
+    """A flag is true or false: the text "false" would otherwise read as true."""
+    value = raw.get(name, default)
+    if not isinstance(value, bool):
+        raise InputError(f"{path}: field {name} must be true or false, got {shown(value)}")
+    return value
 
 
 def _topk_k(raw: dict[str, Any], path: Path) -> int:
@@ -350,6 +395,8 @@ def _topk_k(raw: dict[str, Any], path: Path) -> int:
     if "k" in raw:
         return _int_field(raw, "k", path)
     kwargs = raw.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise InputError(f"{path}: field activation_fn_kwargs must be an object, got {shown(kwargs)}")
     if "k" not in kwargs:
         raise InputError(f"{path}: architecture 'topk' needs field k (or activation_fn_kwargs.k)")
     return _int_field(kwargs, "k", path)
@@ -439,174 +486,16 @@ def _check_activations(activations: torch.Tensor, d_in: int | None = None) -> to
     return activations
 
 
-# --- training a TopK SAE --------------------------------------------------------------------
+# --- training lives in spillover.sae_training; its names stay importable from here -------------
+
+_TRAINING_NAMES = ("TopKTrainingConfig", "SaeTrainingReport", "train_topk_sae", "geometric_median")
 
 
-@dataclass(frozen=True)
-class TopKTrainingConfig:
-    d_sae: int = 512
-    """Number of latents."""
-    k: int = 16
-    """Active latents per row."""
-    lr: float = 1e-3
-    """Adam learning rate; inputs are rescaled to mean squared norm d_in, so it transfers across models."""
-    steps: int | None = None
-    """Optimiser steps; None trains for `epochs` passes over the data."""
-    epochs: int = 10
-    """Passes over the data when `steps` is None."""
-    batch_size: int = 1024
-    """Rows per step."""
-    seed: int = 0
-    """Seeds the initial weights and the order of rows."""
-    dead_window: int = 200
-    """Steps without firing after which a latent counts as dead and gets the AuxK loss."""
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss (Gao et al. 2024) that teaches dead latents the residual; 0 turns it off."""
-    auxk_k: int | None = None
-    """Dead latents used by AuxK per row; None means d_in // 2, as in Gao et al."""
-    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """Starting decoder bias; the geometric median is robust to outlier rows."""
-    normalize_input: bool = True
-    """Train on inputs scaled to mean squared norm d_in, then fold the scale back into b_enc and b_dec."""
+def __getattr__(name: str):
+    """Lazy, because sae_training imports this module: `from spillover.sae import train_topk_sae`
+    keeps working without an import cycle."""
+    if name in _TRAINING_NAMES:
+        from . import sae_training
 
-    def __post_init__(self) -> None:
-        if self.d_sae < 1 or not 1 <= self.k <= self.d_sae:
-            raise ConfigError(f"sae_train.k: {self.k}; needs 1 <= k <= d_sae ({self.d_sae})")
-        steps = 1 if self.steps is None else self.steps
-        if self.lr <= 0 or min(self.batch_size, self.epochs, steps) < 1:
-            raise ConfigError("sae_train.lr must be positive and batch_size, epochs and steps at least 1")
-        if self.dead_window < 1 or self.auxk_coef < 0 or (self.auxk_k is not None and self.auxk_k < 1):
-            raise ConfigError("sae_train.dead_window and auxk_k must be at least 1 and auxk_coef at least 0")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise ConfigError(f"sae_train.b_dec_init: {self.b_dec_init!r}; "
-                              "choose 'geometric_median', 'mean' or 'zeros'")
-
-
-@dataclass(frozen=True)
-class SaeTrainingReport:
-    fvu: float
-    """Fraction of variance unexplained on the training data, after training."""
-    l0: float
-    """Mean active latents per row (k, unless some rows have fewer positive pre-activations)."""
-    dead_fraction: float
-    """Share of latents that fire on no training row."""
-    steps: int
-    """Optimiser steps taken."""
-    seconds: float
-    """Wall-clock training time, metrics excluded."""
-
-
-def train_topk_sae(
-    activations: torch.Tensor, config: TopKTrainingConfig, metadata: Mapping[str, Any] | None = None
-) -> tuple[SparseAutoencoder, SaeTrainingReport]:
-    """Train a TopK SAE on activations [n, d_in] with Adam; seeded and deterministic on a given machine.
-
-    Decoder rows start as random unit vectors with W_enc = W_dec.T, stay unit-norm after every step
-    (their gradient's radial part is removed first), and b_dec starts at the data's centre.
-    """
-    x = _check_activations(activations).float()
-    n, d_in = x.shape
-    if config.d_sae < config.k:
-        raise ConfigError(f"sae_train.k: {config.k}; needs k <= d_sae ({config.d_sae})")
-    gen = torch.Generator().manual_seed(config.seed)
-    scale = math.sqrt(d_in / x.pow(2).sum(1).mean().item()) if config.normalize_input else 1.0
-    x = x * scale
-    sae = SparseAutoencoder(SaeConfig(d_in, config.d_sae, "topk", config.k, metadata=dict(metadata or {})),
-                            device=x.device)
-    _initialise(sae, x, config, gen)
-    total = config.steps or config.epochs * math.ceil(n / config.batch_size)
-    started = time.perf_counter()
-    _fit(sae, x, config, gen, total)
-    with torch.no_grad():  # trained on x * scale: the same latents, divided by scale, fit x itself
-        sae.b_enc /= scale
-        sae.b_dec /= scale
-    seconds = time.perf_counter() - started
-    metrics = sae_metrics(sae, activations)
-    log.info("TopK SAE (d_sae %d, k %d): %d steps in %.1f s, FVU %.4f, L0 %.1f, dead %.1f%%", config.d_sae,
-             config.k, total, seconds, metrics.fvu, metrics.l0, 100 * metrics.dead_fraction)
-    report = SaeTrainingReport(metrics.fvu, metrics.l0, metrics.dead_fraction, total, seconds)
-    return sae, report
-
-
-@torch.no_grad()
-def _initialise(sae: SparseAutoencoder, x: torch.Tensor, config: TopKTrainingConfig,
-                gen: torch.Generator) -> None:
-    w = torch.randn(sae.cfg.d_sae, sae.cfg.d_in, generator=gen).to(x.device)
-    sae.W_dec.copy_(_unit_rows(w))
-    sae.W_enc.copy_(sae.W_dec.T)
-    sae.b_enc.zero_()
-    if config.b_dec_init == "mean":
-        sae.b_dec.copy_(x.mean(0))
-    elif config.b_dec_init == "geometric_median":
-        sample = x[torch.randperm(len(x), generator=gen)[:8192].to(x.device)]
-        sae.b_dec.copy_(geometric_median(sample))
-
-
-def geometric_median(x: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """The point minimising the summed distance to the rows of x, by Weiszfeld's iteration."""
-    point = x.double().mean(0)
-    rows = x.double()
-    for _ in range(iterations):
-        weights = 1.0 / (rows - point).norm(dim=1).clamp_min(1e-12)
-        new = (weights[:, None] * rows).sum(0) / weights.sum()
-        moved = (new - point).norm().item()
-        point = new
-        if moved <= tol * (point.norm().item() + 1e-12):
-            break
-    return point.to(x.dtype)
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator, total: int):
-    """Row indices for `total` steps: a fresh seeded shuffle each epoch."""
-    done = 0
-    while True:
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            if done == total:
-                return
-            yield order[start : start + batch_size]
-            done += 1
-
-
-def _fit(sae: SparseAutoencoder, x: torch.Tensor, config: TopKTrainingConfig, gen: torch.Generator,
-         total: int) -> None:
-    opt = torch.optim.Adam(sae.parameters(), lr=config.lr)
-    last_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=x.device)
-    k_aux = config.auxk_k or max(1, sae.cfg.d_in // 2)
-    batches = _batches(len(x), config.batch_size, gen, total)
-    for step, idx in enumerate(progress(batches, desc="training SAE", total=total), start=1):
-        xb = x[idx.to(x.device)]
-        pre = sae.pre_activation(xb)
-        f = topk_relu(pre, config.k)
-        error = xb - sae.decode(f)
-        loss = error.pow(2).sum(-1).mean()
-        last_fired[(f > 0).any(0)] = step
-        dead = step - last_fired >= config.dead_window
-        if config.auxk_coef > 0 and dead.any():
-            loss = loss + config.auxk_coef * _auxk_loss(sae, pre, dead, error.detach(), k_aux)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _remove_radial_grad(sae.W_dec)
-        opt.step()
-        with torch.no_grad():
-            sae.W_dec.copy_(_unit_rows(sae.W_dec))
-
-
-def _auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, dead: torch.Tensor, error: torch.Tensor,
-               k_aux: int) -> torch.Tensor:
-    """How well the top dead latents reconstruct what the live ones missed (SAELens's scaled AuxK)."""
-    n_dead = int(dead.sum())
-    k = min(k_aux, n_dead)
-    masked = pre.masked_fill(~dead, -torch.inf)
-    values, indices = masked.topk(k, dim=-1, sorted=False)
-    acts = torch.zeros_like(pre).scatter(-1, indices, values)
-    scale = min(n_dead / k_aux, 1.0)  # fewer dead latents, smaller pull
-    return scale * (acts @ sae.W_dec - error).pow(2).sum(-1).mean()
-
-
-@torch.no_grad()
-def _remove_radial_grad(w: nn.Parameter) -> None:
-    """Drop the part of each decoder row's gradient along the row: it would only change its norm."""
-    if w.grad is not None:
-        unit = _unit_rows(w)
-        w.grad -= (w.grad * unit).sum(-1, keepdim=True) * unit
+        return getattr(sae_training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

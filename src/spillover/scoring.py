@@ -40,9 +40,16 @@ class ToxicReference:
     """A label per SAE feature, shown beside the features that drive a score."""
 
     def nearest_toxic_cosine(self) -> torch.Tensor:
-        """Each feature's largest cosine to a toxic feature ([f]; 1 for the toxic features themselves)."""
-        unit = unit_rows(self.directions.float())
-        return (unit @ unit[list(self.toxic)].T).amax(dim=1)
+        """Each feature's largest cosine to a toxic feature ([f]; 1 for the toxic features themselves).
+
+        Computed once per reference: for a 65k-feature SAE it is a large product, and a scoring run
+        asks for it every batch."""
+        cached = self.__dict__.get("_nearest")
+        if cached is None:
+            unit = unit_rows(self.directions.float())
+            cached = (unit @ unit[list(self.toxic)].T).amax(dim=1)
+            object.__setattr__(self, "_nearest", cached)
+        return cached
 
 
 @dataclass(frozen=True)

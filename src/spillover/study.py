@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -16,11 +17,13 @@ import torch
 from . import __version__
 from .activations import CollectConfig, PooledActivations, collect
 from .data import ChatSample
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .features import FeatureSet, logit_lens_labels, select_features, top_activating
 from .geometry import LayerGeometry, compare_layer
 from .io import atomic_write_json, ensure_dir, read_yaml_mapping
+from .lm import decoder_blocks
 from .plots import save_figure
+from .study_sets import load_set, parse_set, train_study_saes, with_model_answers
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,15 @@ class GeometryConfig:
     n_boot: int = 2000
     n_perm: int = 5000
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, choices in (("method", ("correlation", "mean_diff")), ("statistic", ("nearest", "pairwise")),
+                              ("direction", ("decoder", "encoder"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"geometry.{name}: {getattr(self, name)!r}; choose {' or '.join(choices)}")
+        for name in ("k", "n_random", "n_boot", "n_perm"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"geometry.{name}: {getattr(self, name)}; must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -165,38 +177,77 @@ def plot_geometry(studies: Mapping[int, LayerStudy], out: Path) -> None:
     save_figure(fig, out / "geometry_distributions.png")
 
 
-STUDY_KEYS = ("model", "sets", "saes", "k", "method", "statistic", "direction", "n_random", "n_boot", "n_perm", "seed")
+STUDY_KEYS = ("model", "sets", "saes", "train_saes", "k", "method", "statistic", "direction", "n_random", "n_boot", "n_perm", "seed")
 
 
 def run_study_file(config_path: str | Path, out_dir: str | Path, cache_dir: str | Path | None = None) -> dict:
     """A geometry study of any model from a YAML file (paths relative to it):
 
-    model: a local transformers folder, or organism
-    sets: {inducing: FILE, control: FILE, toxic: FILE, harmless: FILE}   (chat JSONL)
-    saes: {LAYER: SAE_FOLDER, ...}                                      (SAELens format)
+    model: a local transformers folder, a GGUF file, organism, or a packaged model's short name
+    sets: {inducing: SET, control: SET, toxic: SET, harmless: SET}   (a file, or a mapping: study_sets.SET_KEYS)
+    saes: {LAYER: SAE_FOLDER, ...}                                  (SAELens format), and/or
+    train_saes: {layers: [...], d_sae, k, steps, ...}               (TopK SAEs trained on the study's tokens)
     k, method, statistic, direction, n_random, n_boot, n_perm, seed: as GeometryConfig
     """
-    from .data import read_samples
     from .models import load_model
     from .sae import load_sae
 
     path = Path(config_path)
-    raw = read_yaml_mapping(path, STUDY_KEYS, "study")
-    for key in ("model", "sets", "saes"):
+    hints = typing.get_type_hints(GeometryConfig)
+    raw = read_yaml_mapping(path, STUDY_KEYS, "study", {"model": str, "sets": dict, "saes": dict, "train_saes": dict, **hints})
+    for key in ("model", "sets"):
         if key not in raw:
             raise ConfigError(f"{path}: missing key {key!r}")
-    if not isinstance(raw["sets"], dict) or not isinstance(raw["saes"], dict):
-        raise ConfigError(f"{path}: 'sets' and 'saes' must be mappings")
-    unknown_sets = sorted(set(raw["sets"]) - set(ROLES))
-    if unknown_sets:
-        raise ConfigError(f"{path}: sets.{unknown_sets[0]} is not a role; roles: {', '.join(ROLES)}")
-    here = path.parent
-    model_spec = raw["model"] if raw["model"] == "organism" else str(here / raw["model"])
-    sets = {role: read_samples(here / file) for role, file in raw["sets"].items()}
     try:
-        saes = {int(layer): load_sae(here / folder) for layer, folder in raw["saes"].items()}
-        config = GeometryConfig(**{k: raw[k] for k in STUDY_KEYS[3:] if k in raw})
-    except (TypeError, ValueError) as exc:
+        config = GeometryConfig(**{k: raw[k] for k in hints if k in raw})  # its fields, by name
+    except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    loaded = load_model(model_spec, cache_dir)
-    return run_geometry(loaded.model, loaded.tokenizer, sets, saes, out_dir, config)
+    layers = _study_layers(raw, path)  # every field checked before anything slow is loaded
+    here = path.parent
+    specs = {role: parse_set(entry, here, f"{path}: field 'sets.{role}'") for role, entry in raw["sets"].items()}
+    loaded = load_model(_model_spec(raw["model"], here), cache_dir)
+    n_blocks = len(decoder_blocks(loaded.model))
+    wanted = [(f"saes.{layer}", layer) for layer in layers]
+    wanted += [("train_saes.layers", layer) for layer in raw.get("train_saes", {}).get("layers", [])]
+    for field, layer in wanted:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_blocks:
+            raise ConfigError(f"{path}: field '{field}': layer {shown(layer)} is out of range "
+                              f"(this model has blocks 0..{n_blocks - 1})")
+    out = ensure_dir(out_dir)
+    sets, set_info = {}, {}
+    for role, spec in specs.items():
+        sets[role], set_info[role] = load_set(spec)
+        if spec.answers == "model":
+            sets[role] = with_model_answers(loaded.model, loaded.tokenizer, sets[role], spec, out)
+    atomic_write_json(out / "sets.json", set_info)
+    saes = {layer: load_sae(here / folder) for layer, folder in layers.items()}
+    if "train_saes" in raw:
+        everything = [s for role in ROLES for s in sets.get(role, [])]
+        saes.update(train_study_saes(loaded.model, loaded.tokenizer, everything, raw["train_saes"], out,
+                                     f"{path}: field 'train_saes'"))
+    return run_geometry(loaded.model, loaded.tokenizer, sets, saes, out, config)
+
+
+def _model_spec(model: str, here: Path) -> str:
+    """A path relative to the study file when one exists there; otherwise the spec as written."""
+    relative = here / model
+    return str(relative) if model != "organism" and relative.exists() else model
+
+
+def _study_layers(raw: dict, path: Path) -> dict[int, str]:
+    """`sets` maps roles to files and `saes` layers to folders; the layer of each SAE folder."""
+    for role, file in raw["sets"].items():
+        if role not in ROLES:
+            raise ConfigError(f"{path}: field 'sets.{role}': not a role; roles: {', '.join(ROLES)}")
+        if not isinstance(file, (str, dict)):
+            raise ConfigError(f"{path}: field 'sets.{role}': expected a file path or a mapping, got {shown(file)}")
+    layers: dict[int, str] = {}
+    for layer, folder in raw.get("saes", {}).items():
+        if isinstance(layer, bool) or not (isinstance(layer, int) or str(layer).strip().isdigit()):
+            raise ConfigError(f"{path}: field 'saes': key {shown(layer)} is not a layer number")
+        if not isinstance(folder, str):
+            raise ConfigError(f"{path}: field 'saes.{layer}': expected an SAE folder path, got {shown(folder)}")
+        layers[int(layer)] = folder
+    if not layers and "train_saes" not in raw:
+        raise ConfigError(f"{path}: field 'saes': give at least one LAYER: SAE_FOLDER, or train_saes")
+    return layers

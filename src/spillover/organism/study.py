@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..activations import collect_tokens
 from ..data import ChatSample
-from ..io import atomic_write_json
-from ..sae import TopKTrainingConfig, load_sae, save_sae, train_topk_sae
+from ..sae import load_sae
+from ..sae_training import TopKTrainingConfig, train_sae_folder
 from ..study import GeometryConfig, run_geometry
 from .datasets import finetune_set, reference_set
 from .model import Organism, load_organism
@@ -54,9 +54,8 @@ def organism_saes(organism: Organism, out_dir: Path, config: OrganismStudyConfig
             saes[layer] = load_sae(folder)
             continue
         tokens = collect_tokens(organism.model, organism.tokenizer, samples, layer, tokens="all")
-        sae, report = train_topk_sae(tokens, dataclasses.replace(config.sae, seed=config.seed))
-        save_sae(sae, folder)
-        atomic_write_json(folder / "training.json", {**dataclasses.asdict(report), "tokens": len(tokens)})
+        sae, report = train_sae_folder(tokens, dataclasses.replace(config.sae, seed=config.seed), folder,
+                                       extra={"tokens": len(tokens)})  # resumes a killed run's checkpoint
         log.info("layer %d SAE: FVU %.3f, L0 %.1f, dead %.3f", layer, report.fvu, report.l0, report.dead_fraction)
         saes[layer] = sae
     return saes
