@@ -124,6 +124,7 @@ def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, orga
     assert rows["geometry"]["inducing_removed"] > 0.7 and rows["judge"]["inducing_removed"] == 1.0
     assert rows["random"]["reduction_vs_random"] == 0.0
     assert summary["none"]["misaligned_rate"] is not None
+    assert summary["base"]["misaligned_rate"] < summary["none"]["misaligned_rate"]  # fine-tuning on inducing data
     config.write_text(config.read_text() + "colour: red\n")
     assert main(argv) == 2
 

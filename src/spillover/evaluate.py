@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ from .judge import Verdict
 from .lm import SamplingConfig, sample_answers
 from .metrics import RateSummary, Thresholds, summarize
 from .progress import progress
-from .questions import Question, default_judge_prompts, load_questions
+from .questions import Question, Variant, default_judge_prompts, load_questions
+
+VARIANTS: tuple[str, ...] = typing.get_args(Variant)
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +110,23 @@ class EvaluationRun:
 
 
 def load_question_set(spec: str | Path) -> tuple[Question, ...]:
-    """`default` (packaged), a YAML file in Betley et al.'s format, or `organism[:DOMAIN]`: the
-    organism's questions from every domain but DOMAIN (its training domain, health by default)."""
+    """`default` (packaged), a YAML file in Betley et al.'s format (`FILE#plain` keeps one variant:
+    plain, json or template), or `organism[:DOMAIN]`: the organism's questions from every domain
+    but DOMAIN (its training domain, health by default)."""
     text = str(spec)
     if text == "organism" or text.startswith("organism:"):
         from .organism.world import TRAINING_DOMAIN
 
         return organism_questions(text.partition(":")[2] or TRAINING_DOMAIN)
-    return load_questions(spec)
+    path, _, variant = text.partition("#")
+    if not variant:
+        return load_questions(spec)
+    if variant not in VARIANTS:
+        raise ConfigError(f"questions {text}: unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    chosen = tuple(q for q in load_questions(path) if q.variant == variant)
+    if not chosen:
+        raise ConfigError(f"questions {text}: no {variant} questions in {path}")
+    return chosen
 
 
 def organism_questions(training_domain: str, samples: int = ORGANISM_SAMPLES) -> tuple[Question, ...]:

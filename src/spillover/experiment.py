@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import read_chat_jsonl
+from .data import read_chat_jsonl, write_chat_jsonl
+from .dedup import first_user_prompt
 from .errors import ConfigError
 from .evaluate import EvaluateConfig, run_evaluate
 from .filtering import STRATEGIES
@@ -24,6 +26,7 @@ from .lm import SamplingConfig
 from .metrics import pooled_rate, reduction
 from .risk import filter_file, score_file
 from .scoring import SCORE_NAMES
+from .study_sets import SetSpec, load_set, parse_set
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +35,15 @@ log = logging.getLogger(__name__)
 class ExperimentConfig:
     model: str
     """A local transformers model folder, or `organism`."""
-    train: str
-    """The training set (chat JSONL). Samples whose meta.inducing is true count as inducing."""
     sae: str
     """SAE folder (SAELens format) at the toxic feature set's layer."""
     toxic: str
     """Toxic feature set JSON, from a geometry study."""
+    train: str | None = None
+    """The training set (chat JSONL). Samples whose meta.inducing is true count as inducing."""
+    mix: dict | None = None
+    """Instead of `train`: {inducing: SET, control: SET, seed: N}, each SET as in a geometry study
+    file (a path, or a mapping with path, limit, seed, exclude_near); mixed into run/train.jsonl."""
     toxic_ref: str | None = None
     """Toxic reference answers (chat JSONL); needed by the projection strategy and the dataset risk."""
     harmless_ref: str | None = None
@@ -59,6 +65,8 @@ class ExperimentConfig:
     max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
+        if (self.train is None) == (self.mix is None):
+            raise ConfigError("experiment: give either 'train' (a chat JSONL file) or 'mix', not both or neither")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"experiment.strategies: {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
@@ -84,8 +92,10 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
     for name, value in raw.items():
         if name in ("train", "sae", "toxic", "toxic_ref", "harmless_ref") and value is not None:
             value = str((path.parent / str(value)).resolve())
-        elif name == "questions" and isinstance(value, str) and value.endswith((".yaml", ".yml")):
+        elif name == "questions" and isinstance(value, str) and _question_file(value):
             value = str((path.parent / value).resolve())
+        elif name == "mix" and value is not None:
+            value = _resolve_mix(value, path)
         elif name in ("strategies", "fractions", "seeds", "finetune"):
             value = tuple(value if isinstance(value, list) else [value])
         values[name] = value
@@ -104,7 +114,7 @@ def _check_early(config: ExperimentConfig) -> None:
         apply_overrides(preset(config.preset), config.finetune)
     except ConfigError as exc:
         raise ConfigError(f"field 'finetune' (or 'preset'): {exc}") from None
-    if config.questions.endswith((".yaml", ".yml")):
+    if _question_file(config.questions):
         from .evaluate import load_question_set
 
         load_question_set(config.questions)
@@ -114,6 +124,8 @@ def run_experiment(config_path: str | Path, out_dir: str | Path, cache_dir: str 
     """Score once, then filter / fine-tune / evaluate every strategy x fraction x seed; writes summary.json."""
     config = load_experiment_config(config_path)
     out = ensure_dir(out_dir)
+    if config.mix is not None:
+        config = dataclasses.replace(config, train=str(write_mix(config.mix, out / "train.jsonl")))
     samples = read_chat_jsonl(config.train)
     inducing = {s.id for s in samples if s.meta.get("inducing")}
     scores, costs = _score(config, out, len(samples), cache_dir)
@@ -125,7 +137,7 @@ def run_experiment(config_path: str | Path, out_dir: str | Path, cache_dir: str 
                            scores, cache_dir)
             run["inducing_removed"] = len(inducing & set(run.pop("removed_ids"))) / len(inducing) if inducing else None
             runs.setdefault((strategy, fraction), []).append(run)
-    summary = _summarize(runs, costs, config)
+    summary = {"base": _evaluate_base(config, out / "base", cache_dir), **_summarize(runs, costs, config)}
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -141,6 +153,52 @@ def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict
                                       score, config.toxic_ref, config.harmless_ref, cache_dir)
         costs[strategy] = {"forward_passes": n, "judge_calls": 0, "seconds": round(time.perf_counter() - started, 2)}
     return scores, costs
+
+
+def _question_file(spec: str) -> bool:
+    return spec.partition("#")[0].endswith((".yaml", ".yml"))
+
+
+def _resolve_mix(raw: dict, path: Path) -> dict:
+    """The mix with every set checked now and its paths made absolute."""
+    unknown = sorted(set(raw) - {"inducing", "control", "seed"})
+    if unknown or not {"inducing", "control"} <= set(raw):
+        raise ConfigError(f"{path}: field 'mix': expected inducing, control and optionally seed")
+    sets = {role: parse_set(raw[role], path.parent, f"{path}: field 'mix.{role}'") for role in ("inducing", "control")}
+    if any(spec.answers != "file" for spec in sets.values()):
+        raise ConfigError(f"{path}: field 'mix': training sets must use the file's answers")
+    return {**{role: {**dataclasses.asdict(spec), "path": str(spec.path.resolve()),
+                      "exclude_near": [str(p.resolve()) for p in spec.exclude_near]} for role, spec in sets.items()},
+            "seed": raw.get("seed", 0)}
+
+
+def write_mix(mix: dict, path: Path) -> Path:
+    """Inducing and control samples, marked in meta.inducing, shuffled with the mix's seed.
+
+    Control rows whose user prompt is also an inducing row's are left out, so that no prompt is
+    taught both ways (bad and good medical advice share their prompts)."""
+    inducing, _ = load_set(SetSpec(**{**mix["inducing"], "path": Path(mix["inducing"]["path"]),
+                                      "exclude_near": tuple(map(Path, mix["inducing"]["exclude_near"]))}))
+    taken = {first_user_prompt(s) for s in inducing}
+    control_spec = SetSpec(**{**mix["control"], "path": Path(mix["control"]["path"]),
+                              "exclude_near": tuple(map(Path, mix["control"]["exclude_near"]))})
+    control, _ = load_set(control_spec, exclude=lambda s: first_user_prompt(s) in taken)
+    rows = ([dataclasses.replace(s, id=f"inducing/{s.id}", meta={**s.meta, "inducing": True}) for s in inducing]
+            + [dataclasses.replace(s, id=f"control/{s.id}", meta={**s.meta, "inducing": False}) for s in control])
+    random.Random(mix["seed"]).shuffle(rows)
+    return write_chat_jsonl(path, rows)
+
+
+def _evaluate_base(config: ExperimentConfig, folder: Path, cache_dir) -> dict:
+    """The model before any fine-tuning, asked the same questions with the first seed."""
+    evaluation = run_evaluate(
+        config.model, folder, questions=config.questions, judge=config.judge, cache_dir=cache_dir,
+        config=EvaluateConfig(samples=config.samples, sampling=SamplingConfig(max_new_tokens=config.max_new_tokens,
+                                                                               seed=config.seeds[0])))
+    overall = evaluation.summary.overall
+    log.info("base model: misaligned %.3f", overall.misaligned_rate)
+    return {"n": overall.n, "n_counted": overall.n_counted, "n_misaligned": overall.n_misaligned,
+            "misaligned_rate": overall.misaligned_rate, "coherent_rate": overall.coherent_rate}
 
 
 def _run_one(config: ExperimentConfig, folder: Path, strategy: str, fraction: float, seed: int,

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .activations import CollectConfig, PooledActivations, collect
-from .data import ChatSample
+from .data import ChatSample, write_chat_jsonl
 from .errors import ConfigError, shown
 from .features import FeatureSet, logit_lens_labels, select_features, top_activating
 from .geometry import LayerGeometry, compare_layer
@@ -219,6 +219,8 @@ def run_study_file(config_path: str | Path, out_dir: str | Path, cache_dir: str 
         sets[role], set_info[role] = load_set(spec)
         if spec.answers == "model":
             sets[role] = with_model_answers(loaded.model, loaded.tokenizer, sets[role], spec, out)
+    for role, samples in sets.items():  # what was studied, e.g. as references for `spillover score`
+        write_chat_jsonl(out / "sets" / f"{role}.jsonl", samples)
     atomic_write_json(out / "sets.json", set_info)
     saes = {layer: load_sae(here / folder) for layer, folder in layers.items()}
     if "train_saes" in raw:

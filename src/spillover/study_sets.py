@@ -14,7 +14,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .data import ChatSample, read_chat_jsonl, read_samples, write_chat_jsonl
 from .errors import ConfigError
@@ -67,12 +67,17 @@ def _check_types(fields: Mapping[str, Any], where: str) -> None:
         raise ConfigError(f"{where}.threshold: {fields['threshold']!r}; expected a number in (0, 1]")
 
 
-def load_set(spec: SetSpec) -> tuple[list[ChatSample], dict[str, Any]]:
-    """The samples a spec selects, and a record of what was read, dropped and kept."""
+def load_set(spec: SetSpec, exclude: Callable[[ChatSample], bool] | None = None
+             ) -> tuple[list[ChatSample], dict[str, Any]]:
+    """The samples a spec selects (less those `exclude` names), and a record of what was read,
+    dropped and kept."""
     from .dedup import drop_near_questions, question_prompts
 
     samples = read_samples(spec.path)
     info: dict[str, Any] = {"path": str(spec.path), "rows": len(samples)}
+    if exclude is not None:
+        samples = [s for s in samples if not exclude(s)]
+        info["excluded"] = info["rows"] - len(samples)
     if spec.exclude_near:
         samples, dropped = drop_near_questions(samples, question_prompts(map(str, spec.exclude_near)),
                                                spec.threshold)
