@@ -391,8 +391,8 @@ def test_collect_refuses_an_sae_of_another_width_before_any_forward_pass(organis
 
 EXPERIMENT = "model: organism\ntrain: train.jsonl\nsae: sae\ntoxic: toxic.json\n"
 EXPERIMENT_FILES = {
-    "unknown key": (EXPERIMENT + "colour: red\n", [":5:", "unknown key 'colour'", "valid keys: model, train"]),
-    "missing key": ("model: organism\nsae: sae\ntoxic: toxic.json\n", ["missing key 'train'"]),
+    "unknown key": (EXPERIMENT + "colour: red\n", [":5:", "unknown key 'colour'", "valid keys: model, sae, toxic, train, mix"]),
+    "missing key": ("model: organism\nsae: sae\ntoxic: toxic.json\n", ["either 'train'"]),
     "not a mapping": ("- model\n", ["expected a mapping of experiment settings"]),
     "empty": ("", ["expected a mapping"]),
     "invalid YAML": (EXPERIMENT + "seeds: [1\n", [":6:", "invalid YAML"]),
