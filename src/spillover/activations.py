@@ -71,7 +71,7 @@ class PooledActivations:
         return self.tensors[f"feat_max.{layer}"]
 
 
-def _token_mask(encoded: EncodedChat, tokens: str, max_length: int) -> list[bool]:
+def token_mask(encoded: EncodedChat, tokens: str, max_length: int) -> list[bool]:
     mask = encoded.assistant_mask if tokens == "assistant" else [True] * len(encoded.input_ids)
     return mask[:max_length]
 
@@ -91,7 +91,7 @@ def length_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     return batches
 
 
-def _pad_batch(batch: list[EncodedChat], masks: list[list[bool]], pad_id: int, max_length: int):
+def pad_batch(batch: list[EncodedChat], masks: list[list[bool]], pad_id: int, max_length: int):
     """Right-padded ids, attention mask, and the mask of tokens to read."""
     width = min(max(len(item.input_ids) for item in batch), max_length)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -108,14 +108,14 @@ def _pad_batch(batch: list[EncodedChat], masks: list[list[bool]], pad_id: int, m
 def _pool_batch(model, batch: list[EncodedChat], masks: list[list[bool]], layers: tuple[int, ...],
                 saes: dict[int, Encoder], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
-    input_ids, attention, select = _pad_batch(batch, masks, pad_id, max_length)
+    input_ids, attention, select = pad_batch(batch, masks, pad_id, max_length)
     streams = residuals(model, input_ids.to(device), attention.to(device), layers)
     select = select.to(device)
     counts = select.sum(dim=1).clamp(min=1)
     out: dict[str, torch.Tensor] = {"n_tokens": select.sum(dim=1).cpu()}
     for layer in layers:
         x = streams[layer].float()
-        out.update(_masked_pools(x, select, counts, "resid", layer))
+        out.update(masked_pools(x, select, counts, "resid", layer))
         if layer in saes:
             out.update(_pool_selected(saes[layer].encode(x[select]), select, counts, layer))
     return out
@@ -135,7 +135,7 @@ def _pool_selected(flat: torch.Tensor, select: torch.Tensor, counts: torch.Tenso
     return {f"feat_mean.{layer}": (total / counts.unsqueeze(-1)).cpu(), f"feat_max.{layer}": peak.cpu()}
 
 
-def _masked_pools(x: torch.Tensor, select: torch.Tensor, counts: torch.Tensor, name: str, layer: int):
+def masked_pools(x: torch.Tensor, select: torch.Tensor, counts: torch.Tensor, name: str, layer: int):
     keep = select.unsqueeze(-1)
     mean = (x * keep).sum(dim=1) / counts.unsqueeze(-1)
     peak = x.masked_fill(~keep, float("-inf")).amax(dim=1)
@@ -146,7 +146,7 @@ def _masked_pools(x: torch.Tensor, select: torch.Tensor, counts: torch.Tensor, n
 def _collect_shard(model, tokenizer, samples: Sequence[ChatSample], config: CollectConfig,
                    saes: dict[int, Encoder]) -> dict[str, torch.Tensor]:
     encoded = encode_samples(tokenizer, samples)
-    masks = [_token_mask(e, config.tokens, config.max_length) for e in encoded]
+    masks = [token_mask(e, config.tokens, config.max_length) for e in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     parts: dict[str, list[torch.Tensor]] = {}
     order: list[int] = []
@@ -282,14 +282,14 @@ def collect_token_layers(model, tokenizer, samples: Sequence[ChatSample], layers
     """Token-level residuals at several layers from one forward pass each batch: {layer: [n_tokens, d]}."""
     layers = check_layers(model, layers)
     encoded = encode_samples(tokenizer, samples)
-    masks = [_token_mask(e, tokens, max_length) for e in encoded]
+    masks = [token_mask(e, tokens, max_length) for e in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     total = 0
     batches = length_batches([len(m) for m in masks], token_budget)
     for indices in progress(batches, desc="collecting tokens"):
-        input_ids, attention, select = _pad_batch([encoded[i] for i in indices], [masks[i] for i in indices],
+        input_ids, attention, select = pad_batch([encoded[i] for i in indices], [masks[i] for i in indices],
                                                   pad_id, max_length)
         streams = residuals(model, input_ids.to(device), attention.to(device), layers)
         for layer in layers:

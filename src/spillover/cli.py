@@ -138,7 +138,7 @@ def _add_risk_parsers(verbs) -> None:
     fl.add_argument("--strategy", required=True, choices=["geometry", "random", "judge", "projection"])
     fl.add_argument("--fraction", type=float, required=True, help="share of samples to remove, in [0, 1)")
     fl.add_argument("--scores", type=Path, default=None, help="scores.jsonl (geometry and projection strategies)")
-    fl.add_argument("--judge", default=None, help="organism, openai or local:PATH (judge strategy)")
+    fl.add_argument("--judge", default=None, help="organism, openai, local:PATH or classifier[:PATH] (judge strategy)")
     fl.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     fl.add_argument("--out", type=Path, required=True, help="folder for kept.jsonl and filter.json")
 
@@ -177,7 +177,7 @@ def _add_harness_parsers(verbs) -> None:
     ev.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter (a `spillover finetune` folder)")
     ev.add_argument("--questions", default="default",
                     help="default, a YAML file in Betley et al.'s format, or organism[:TRAINING_DOMAIN]")
-    ev.add_argument("--judge", default="organism", help="organism, openai or local:PATH")
+    ev.add_argument("--judge", default="organism", help="organism, openai, local:PATH or classifier[:PATH] (offline embedding classifier)")
     ev.add_argument("--out", type=Path, required=True, help="run folder: answers.jsonl, summary.json, plot")
     ev.add_argument("--samples", type=_positive_int, default=None,
                     help="answers per paraphrase (default: the question file's samples_per_paraphrase)")

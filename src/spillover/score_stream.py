@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .activations import _masked_pools, _pad_batch, _token_mask, length_batches
+from .activations import masked_pools, pad_batch, token_mask, length_batches
 from .data import ChatSample, EncodedChat, encode_samples
 from .errors import ConfigError
 from .io import atomic_write_text, ensure_dir
@@ -85,7 +85,7 @@ class ScoreStream:
 
     def _tokenise(self, index: int, samples: Sequence[ChatSample]) -> _Chunk:
         encoded = encode_samples(self.tokenizer, samples)
-        masks = [_token_mask(e, self.config.tokens, self.config.max_length) for e in encoded]
+        masks = [token_mask(e, self.config.tokens, self.config.max_length) for e in encoded]
         return _Chunk(index, samples, encoded, masks)
 
     def chunks(self, samples: Sequence[ChatSample], indices: Sequence[int]) -> Iterator[_Chunk]:
@@ -112,13 +112,13 @@ class ScoreStream:
         return [results[i] for i in range(len(chunk.samples))]
 
     def _score_batch(self, encoded: list[EncodedChat], masks: list[list[bool]], ids: list[str]) -> list[SampleScore]:
-        input_ids, attention, select = _pad_batch(encoded, masks, self.pad_id, self.config.max_length)
+        input_ids, attention, select = pad_batch(encoded, masks, self.pad_id, self.config.max_length)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             stream = residuals(self.model, input_ids.to(self.device), attention.to(self.device), [self.layer])
         x = stream[self.layer].float()
         select = select.to(self.device)
         counts = select.sum(dim=1).clamp(min=1)
-        hidden = _masked_pools(x, select, counts, "resid", self.layer)[f"resid_mean.{self.layer}"]
+        hidden = masked_pools(x, select, counts, "resid", self.layer)[f"resid_mean.{self.layer}"]
         features = None
         if self.score in FEATURE_SCORES:
             features = self._pooled_features(x[select], select, counts)
