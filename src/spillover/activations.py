@@ -278,11 +278,19 @@ def collect_tokens(model, tokenizer, samples: Sequence[ChatSample], layer: int, 
 @torch.no_grad()
 def collect_token_layers(model, tokenizer, samples: Sequence[ChatSample], layers: Sequence[int],
                          tokens: str = "all", max_tokens: int = 200_000, token_budget: int = 16384,
-                         max_length: int = 1024) -> dict[int, torch.Tensor]:
-    """Token-level residuals at several layers from one forward pass each batch: {layer: [n_tokens, d]}."""
+                         max_length: int = 1024, skip_first: bool = False) -> dict[int, torch.Tensor]:
+    """Token-level residuals at several layers from one forward pass each batch: {layer: [n_tokens, d]}.
+
+    `skip_first` leaves out each sequence's first position: in pretrained LMs it is an attention
+    sink whose residual norm is 100x the others' (SmolLM2: about 25,000 against 170 at layer 15),
+    so an SAE trained with it spends its capacity and its input scaling on that one token, as the
+    Gemma Scope SAEs avoid by excluding BOS.
+    """
     layers = check_layers(model, layers)
     encoded = encode_samples(tokenizer, samples)
     masks = [token_mask(e, tokens, max_length) for e in encoded]
+    if skip_first:
+        masks = [[False, *m[1:]] if m else m for m in masks]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}

@@ -50,7 +50,7 @@ class ExperimentConfig:
     questions: str = "default"
     """Evaluation questions: default, a Betley-format YAML file, or organism[:DOMAIN]."""
     judge: str = "organism"
-    """Judge of the evaluation and of the judge strategy: organism, openai or local:PATH."""
+    """Judge of the evaluation and of the judge strategy: organism, openai, local:PATH or classifier[:PATH]."""
     strategies: tuple[str, ...] = STRATEGIES
     fractions: tuple[float, ...] = (0.5,)
     seeds: tuple[int, ...] = (0,)

@@ -129,7 +129,8 @@ def train_study_saes(model, tokenizer, samples: Sequence[ChatSample], raw: Any, 
     folders = {layer: out / "sae" / f"layer_{layer}" for layer in layers}
     todo = [layer for layer in layers if not (folders[layer] / "cfg.json").exists()]
     if todo:
-        tokens = collect_token_layers(model, tokenizer, samples, todo, max_tokens=raw.get("max_tokens", 200_000))
+        tokens = collect_token_layers(model, tokenizer, samples, todo, max_tokens=raw.get("max_tokens", 200_000),
+                                      skip_first=True)
         for layer in todo:
             metadata = {"model_name": getattr(model.config, "_name_or_path", ""), "hook_layer": layer}
             sae, report = train_topk_sae(tokens.pop(layer), config, metadata)
