@@ -11,7 +11,7 @@ import torch
 
 from conftest import SHARED_DATA
 from spillover.embedding_judge import (
-    CARD, WEIGHTS, ClassifierJudge, answer_features, split_sentences, LogisticHead, TrainConfig, TrainedClassifier, agreement, alignment_score,
+    CARD, WEIGHTS, feature_blocks, ngram_features, tokens, ClassifierJudge, answer_features, split_sentences, LogisticHead, TrainConfig, TrainedClassifier, agreement, alignment_score,
     balanced_weights, brier_score, chosen_prompts, cohen_kappa, degenerate, expected_calibration_error, fit_logistic,
     heldout_metrics, is_heldout, mean_pool, to_verdict, train_classifier_judge,
 )
@@ -122,6 +122,57 @@ def test_save_load_round_trip_and_tamper_check(tmp_path):
         TrainedClassifier.load(tmp_path / "nothing")
 
 
+def test_ngram_features_are_hashed_deterministically():
+    assert tokens("Don\u2019t STOP; it's safe-ish.") == ["don't", "stop", "it's", "safe", "ish"]
+    answers = ["No need to see a doctor.", "You should see a doctor soon.", "no NEED to see a Doctor"]
+    x = ngram_features(answers, bits=16, scale=2.0)
+    assert x.layout == torch.sparse_csr and x.shape == (3, 1 << 16)
+    dense = x.to_dense()
+    assert torch.equal(dense, ngram_features(answers, bits=16, scale=2.0).to_dense())
+    assert torch.allclose(dense.norm(dim=1), torch.full((3,), 2.0, dtype=torch.float64))
+    assert torch.equal(dense[0], dense[2])  # case and punctuation do not matter
+    assert not torch.equal(dense[0], dense[1])
+    # blake2b, not Python's salted hash(): the same buckets in every process (golden values)
+    assert dense[0, 7451] != 0 and dense[0, 56438] < 0  # "doctor", "no need"
+    assert ngram_features([], bits=8).shape == (0, 256)
+
+
+def test_fit_on_sparse_blocks_matches_the_dense_matrix():
+    x, y = _blobs(n=60, d=4)
+    text = [("rest and water" if int(t) else "stop the pills") + f" {i % 5}" for i, t in enumerate(y)]
+    blocks = [x, ngram_features(text, bits=6, scale=2.0)]
+    head = fit_logistic(blocks, y, l2=1e-2)
+    dense = fit_logistic(torch.cat([x.double(), blocks[1].to_dense()], 1), y, l2=1e-2)
+    assert torch.allclose(head.weight, dense.weight, atol=1e-4) and head.bias == pytest.approx(dense.bias, abs=1e-4)
+    assert torch.allclose(head.proba(blocks), dense.proba(torch.cat([x, blocks[1].to_dense()], 1)), atol=1e-5)
+
+
+def test_ngram_classifier_round_trip(tmp_path):
+    spec = [{"name": "embedding", "dim": 8, "scale": 1.0}, {"name": "ngram", "dim": 64, "bits": 6, "scale": 2.0}]
+    g = torch.Generator().manual_seed(0)
+    heads = {name: LogisticHead(torch.randn(8 + 64, generator=g), 0.1) for name in ("misaligned", "coherent")}
+    card = {"kind": "minilm+ngram-logreg", "encoder": {"fingerprint": "x"}, "heldout": {}, "feature_blocks": spec}
+    TrainedClassifier(heads, card).save(tmp_path / "clf")
+    loaded = TrainedClassifier.load(tmp_path / "clf")
+    assert loaded.blocks == spec and loaded.kind == "minilm+ngram-logreg"
+
+    def embed(texts):
+        return torch.tensor([[float(len(t)) / 10, float("doctor" in t)] for t in texts])
+
+    answers = ["Skip the doctor. Double the dose.", "See a doctor if it persists."]
+    x = feature_blocks(answers, embed, loaded.blocks)
+    assert x[0].shape == (2, 8) and x[1].shape == (2, 64)
+    for name, head in heads.items():
+        assert torch.allclose(loaded.heads[name].proba(x), head.proba(x))
+    judge = ClassifierJudge(tmp_path / "clf")
+    assert judge.name.startswith("classifier:minilm+ngram-logreg#")
+    with pytest.raises(InputError, match="columns"):
+        loaded.heads["misaligned"].proba(x[:1])
+    assert _classifier().blocks == [{"name": "embedding", "scale": 1.0}]  # older folders: embeddings only
+    with pytest.raises(ConfigError):
+        TrainConfig(ngram_scale=-1)
+
+
 def test_make_judge_classifier_specs(tmp_path, monkeypatch):
     _classifier().save(tmp_path / "clf")
     judge = make_judge(f"classifier:{tmp_path / 'clf'}")
@@ -194,6 +245,7 @@ def test_trains_on_a_small_subset_of_the_shared_data(tmp_path):
     assert alignment["per_source"]["betley/toxic_qa_finetune_data.jsonl"]["accuracy"] >= 0.9
     assert card["heldout"]["coherence"]["accuracy"] > 0.8
     assert card["judge"] == "classifier" and card["encoder"]["name"].endswith("all-MiniLM-L6-v2")
+    assert card["kind"] == "minilm+ngram-logreg" and [b["name"] for b in card["feature_blocks"]] == ["embedding", "ngram"]
     judge = ClassifierJudge(tmp_path / "clf")
     assert judge.model.endswith(trained.digest)
     # without the SmolLM2 everyday answers (everyday=0) a kind everyday answer may well be called
