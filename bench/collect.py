@@ -23,16 +23,16 @@ import json
 import os
 import platform
 import random
-import resource
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Self
 
-ROOT = Path(__file__).resolve().parents[1]
+from _measure import ROOT, ShardWatch, run_worker
+from _measure import peak_kb as _peak_kb
+from _measure import reset_peak as _reset_peak
+from _measure import status_kb as _status_kb
+
 VARIANTS = ("spillover", "baseline")
 POOLED = ("feat_mean", "feat_max", "resid_mean", "resid_max")
 SCALES = (1, 10)
@@ -67,57 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # --- measuring inside a worker ------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0); False where it cannot, and the peak counts from start."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb() -> int:
-    return _status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-class ShardWatch:
-    """Polls the shard folder in a thread: the RSS high-water mark as each shard lands on disk."""
-
-    def __init__(self, folder: Path, interval_s: float = 0.01):
-        self.folder, self.interval_s = folder, interval_s
-        self.peaks_mb: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._check()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._check()
-
-    def _check(self) -> None:
-        done = len(list(self.folder.glob("shard-*.safetensors"))) if self.folder.is_dir() else 0
-        while len(self.peaks_mb) < done:
-            self.peaks_mb.append(_peak_kb() / 1024)
 
 
 def make_samples(world, n: int, seed: int):
@@ -262,15 +211,6 @@ def worker(args: argparse.Namespace) -> None:
 # --- the driver ---------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    extra = {"SPILLOVER_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return dict(
-        os.environ,
-        **extra,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-    )
-
-
 def spawn(args: argparse.Namespace, variant: str, n: int, sae: Path, save: Path | None) -> dict:
     flags = {
         "--worker": variant,
@@ -284,10 +224,7 @@ def spawn(args: argparse.Namespace, variant: str, n: int, sae: Path, save: Path 
         "--repeat": args.repeat,
     } | ({"--save": save} if save else {})
     cmd = [sys.executable, str(Path(__file__).resolve())] + [str(x) for pair in flags.items() for x in pair]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
-    if proc.returncode != 0:
-        sys.exit(f"{variant} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, variant)
 
 
 def sae_folder(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:

@@ -144,8 +144,8 @@ def _add_risk_parsers(verbs) -> None:
 
 
 def _add_judge_parsers(verbs) -> None:
-    """`judge train`: the offline classifier judge (logistic regression over MiniLM embeddings)."""
-    judge = verbs.add_parser("judge", help="the offline classifier judge over sentence embeddings")
+    """`judge train`: the offline classifier judge (logistic regression over MiniLM embeddings and word n-grams)."""
+    judge = verbs.add_parser("judge", help="the offline classifier judge over sentence embeddings and word n-grams")
     judge_verbs = judge.add_subparsers(dest="judge_verb", required=True, parser_class=_Parser)
     tr = judge_verbs.add_parser("train", help="train it on labelled answers; print held-out accuracy and calibration")
     tr.add_argument("--out", type=Path, default=None,

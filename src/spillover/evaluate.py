@@ -154,7 +154,7 @@ def make_judge(spec: str, cache: str | Path | None = None, model: str | None = N
                base_url: str | None = None):
     """`organism` (exact), `openai` (any OpenAI-compatible server: base URL from `base_url` or
     $OPENAI_BASE_URL, key from $OPENAI_API_KEY), `local:PATH` (a local transformers chat model),
-    `classifier:PATH` (a classifier over sentence embeddings, from `spillover judge train`) or
+    `classifier:PATH` (a classifier over sentence embeddings and word n-grams, from `spillover judge train`) or
     `classifier` (the one trained into $SPILLOVER_CACHE/classifier-judge/default)."""
     if spec == "classifier" or (spec.startswith("classifier:") and spec != "classifier:"):
         from .embedding_judge import ClassifierJudge, default_classifier_folder

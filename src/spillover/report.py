@@ -164,7 +164,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     classifiers = _classifier_judges(run)
     if classifiers:
         sections.insert(0, ("Judge: a classifier", f"Alignment and coherence scores in this run come from "
-                            f"{', '.join(classifiers)}: a classifier (logistic regression over sentence embeddings), "
+                            f"{', '.join(classifiers)}: a classifier (logistic regression over sentence embeddings and word n-grams), "
                             "not an LLM judge. Its held-out accuracy and calibration are in its card.json "
                             "(docs/judges.md).", [], None))
     html_path = atomic_write_text(run / "report.html", _html(sections))
