@@ -125,7 +125,7 @@ def run_experiment(config_path: str | Path, out_dir: str | Path, cache_dir: str 
     config = load_experiment_config(config_path)
     out = ensure_dir(out_dir)
     if config.mix is not None:
-        config = dataclasses.replace(config, train=str(write_mix(config.mix, out / "train.jsonl")))
+        config = dataclasses.replace(config, train=str(write_mix(config.mix, out / "train.jsonl")), mix=None)
     samples = read_chat_jsonl(config.train)
     inducing = {s.id for s in samples if s.meta.get("inducing")}
     scores, costs = _score(config, out, len(samples), cache_dir)
