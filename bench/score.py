@@ -540,7 +540,7 @@ def forward_flops(config, layer: int, lengths: Sequence[int]) -> float:
 def synthetic_chunk(n: int, vocab: int, lengths: tuple[int, int], seed: int):
     """Random token sequences; the last 60% of each counts as the assistant's answer."""
     from spillover.data import EncodedChat
-    from spillover.score_stream import _Chunk  # bench only: a chunk without a tokenizer
+    from spillover.score_stream import TokenisedChunk
 
     rng = random.Random(seed)
     encoded, masks = [], []
@@ -549,7 +549,7 @@ def synthetic_chunk(n: int, vocab: int, lengths: tuple[int, int], seed: int):
         prompt = int(t * 0.4)
         encoded.append(EncodedChat([rng.randrange(1, vocab) for _ in range(t)], [False] * prompt + [True] * (t - prompt)))
         masks.append(encoded[-1].assistant_mask)
-    return _Chunk(0, [SimpleNamespace(id=f"g{i:06d}") for i in range(n)], encoded, masks)
+    return TokenisedChunk(0, [SimpleNamespace(id=f"g{i:06d}") for i in range(n)], encoded, masks)
 
 
 def build_random_model(config, device, dtype):

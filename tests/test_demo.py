@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
+from spillover.data import read_chat_jsonl, write_chat_jsonl
 from spillover.demo import run_demo
+from spillover.organism.datasets import finetune_set
 from spillover.organism.mitigation import MitigationConfig
 from spillover.organism.study import OrganismStudyConfig
 from spillover.sae import TopKTrainingConfig
@@ -85,7 +87,6 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(demo_run, t
 
 def test_score_and_filter_commands_on_the_demo_outputs(demo_run, organism, tmp_path):
     from spillover.cli import main
-    from spillover.data import read_chat_jsonl
 
     out, _ = demo_run
     mixed = out / "mitigation" / "mixed.jsonl"
@@ -105,26 +106,38 @@ def test_score_and_filter_commands_on_the_demo_outputs(demo_run, organism, tmp_p
                  "--out", str(tmp_path / "x")]) == 2
 
 
-def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, organism, tmp_path):
+def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, organism, tmp_path, capsys):
     from spillover.cli import main
 
     out, _ = demo_run
     geometry = out / "geometry"
+    inducing = [s for s in read_chat_jsonl(out / "mitigation" / "mixed.jsonl") if s.meta.get("inducing")]
+    write_chat_jsonl(tmp_path / "inducing.jsonl", inducing)
+    # The organism's health prompts repeat, so sound answers come from another domain: the mix leaves
+    # out control rows that share a prompt with an inducing row.
+    write_chat_jsonl(tmp_path / "control.jsonl", finetune_set(organism.world, "aligned", 150, seed=0, domain="career"))
     config = tmp_path / "experiment.yaml"
     config.write_text(
-        f"model: organism\ntrain: {out / 'mitigation' / 'mixed.jsonl'}\nsae: {geometry / 'sae' / 'layer_1'}\n"
+        "model: organism\nmix:\n  inducing: {path: inducing.jsonl, limit: 100, seed: 1}\n"
+        "  control: {path: control.jsonl, limit: 100, seed: 2}\n  seed: 0\n"
+        f"sae: {geometry / 'sae' / 'layer_1'}\n"
         f"toxic: {geometry / 'features' / 'layer_1' / 'toxic.json'}\nquestions: organism\njudge: organism\n"
         "strategies: [geometry, random, judge]\nfractions: [0.5]\nseeds: [0]\npreset: organism\nsamples: 1\n"
         "max_new_tokens: 24\n")
     argv = ["experiment", str(config), "--out", str(tmp_path / "run"), "--cache", str(organism.path.parent)]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    trained = read_chat_jsonl(tmp_path / "run" / "train.jsonl")
+    assert sum(bool(s.meta["inducing"]) for s in trained) == 100 and len(trained) == 200
     rows = {r["strategy"]: r for r in summary["table"]}
     assert set(rows) == {"geometry", "random", "judge"}
     assert rows["geometry"]["inducing_removed"] > 0.7 and rows["judge"]["inducing_removed"] == 1.0
     assert rows["random"]["reduction_vs_random"] == 0.0
     assert summary["none"]["misaligned_rate"] is not None
     assert summary["base"]["misaligned_rate"] < summary["none"]["misaligned_rate"]  # fine-tuning on inducing data
+    config.write_text(config.read_text().replace("path: control.jsonl", "path: inducing.jsonl"))
+    argv[3] = str(tmp_path / "run2")  # a control set with only the inducing prompts leaves nothing to mix
+    assert main(argv) == 2 and "field 'mix.control'" in capsys.readouterr().err
     config.write_text(config.read_text() + "colour: red\n")
     assert main(argv) == 2
 

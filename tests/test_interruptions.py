@@ -86,20 +86,23 @@ def test_sae_training(organism, env, rng, tmp_path):
 
 
 def test_finetune(organism, env, rng, tmp_path):
-    """16 optimizer steps with a checkpoint every 2; the kill lands after the first checkpoint."""
+    """32 optimizer steps with a checkpoint every 2; the kill lands after the first checkpoint, within
+    the first half of the training time the uninterrupted run took (under a second on an idle machine,
+    several on a busy one, so a fixed delay would overshoot on one or never reach far on the other)."""
     data = write_chat_jsonl(tmp_path / "d.jsonl", finetune_set(organism.world, "inducing", 128, seed=0))
-    argv = ["finetune", "--model", "organism", "--data", str(data), "--preset", "organism", "--set", "epochs=2",
+    argv = ["finetune", "--model", "organism", "--data", str(data), "--preset", "organism", "--set", "epochs=4",
             "--checkpoint-every", "2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main([*argv, "--out", str(whole)]) == 0
+    training_seconds = json.loads((whole / "finetune.json").read_text())["seconds"]
 
     child = start([*argv, "--out", str(cut)], env, tmp_path / "logs")
-    kill_at_random_point(child, (cut / "checkpoint" / "state.safetensors").exists, rng, spread=1.0)
+    kill_at_random_point(child, (cut / "checkpoint" / "state.safetensors").exists, rng, spread=training_seconds / 2)
     assert not (cut / "finetune.json").exists()
 
     assert main([*argv, "--out", str(cut)]) == 0
     manifest, reference = (json.loads((d / "finetune.json").read_text()) for d in (cut, whole))
-    assert 2 <= manifest["resumed_from"] < 16  # steps up to the checkpoint are not trained again
+    assert 2 <= manifest["resumed_from"] < 32  # steps up to the checkpoint are not trained again
     for varies in ("seconds", "resumed_from"):
         manifest.pop(varies), reference.pop(varies)
     assert manifest == reference

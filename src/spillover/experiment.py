@@ -182,7 +182,12 @@ def write_mix(mix: dict, path: Path) -> Path:
     taken = {first_user_prompt(s) for s in inducing}
     control_spec = SetSpec(**{**mix["control"], "path": Path(mix["control"]["path"]),
                               "exclude_near": tuple(map(Path, mix["control"]["exclude_near"]))})
-    control, _ = load_set(control_spec, exclude=lambda s: first_user_prompt(s) in taken)
+    control, info = load_set(control_spec, exclude=lambda s: first_user_prompt(s) in taken)
+    log.info("mix: %d inducing and %d control samples (%d control rows share an inducing prompt and are left out)",
+             len(inducing), len(control), info["excluded"])
+    if not control:
+        raise ConfigError(f"field 'mix.control': every row of {control_spec.path} shares a user prompt with an "
+                          "inducing row, so no control sample is left; take control data with other prompts")
     rows = ([dataclasses.replace(s, id=f"inducing/{s.id}", meta={**s.meta, "inducing": True}) for s in inducing]
             + [dataclasses.replace(s, id=f"control/{s.id}", meta={**s.meta, "inducing": False}) for s in control])
     random.Random(mix["seed"]).shuffle(rows)

@@ -32,7 +32,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     SpilloverError naming `path`, so the file that was there before stays as it was.
     """
     path = Path(path)
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     try:
         with tmp.open("w", encoding="utf-8") as handle:
             handle.write(text)
@@ -57,7 +57,7 @@ def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         with tmp.open("rb+") as handle:
@@ -85,7 +85,7 @@ def write_error(path: str | Path, exc: Exception) -> SpilloverError:
 TEMP_SUFFIX = ".tmp"
 
 
-def _temp_beside(path: Path) -> Path:
+def temp_beside(path: Path) -> Path:
     """An empty, uniquely named hidden file beside `path` (same file system, so rename is atomic)."""
     ensure_dir(path.parent)
     try:

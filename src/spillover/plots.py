@@ -15,15 +15,19 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # files only; no screen is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .io import ensure_dir  # noqa: E402
+from .io import temp_beside, write_error  # noqa: E402
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save a PNG atomically and close the figure."""
     path = Path(path)
-    ensure_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = temp_beside(path)  # a unique hidden name that remove_temp_files knows
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+    finally:
+        plt.close(fig)
     return path

@@ -64,7 +64,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class TokenisedChunk:
     index: int
     samples: Sequence[ChatSample]
     encoded: list[EncodedChat]
@@ -83,12 +83,12 @@ class ScoreStream:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def _tokenise(self, index: int, samples: Sequence[ChatSample]) -> _Chunk:
+    def _tokenise(self, index: int, samples: Sequence[ChatSample]) -> TokenisedChunk:
         encoded = encode_samples(self.tokenizer, samples)
         masks = [token_mask(e, self.config.tokens, self.config.max_length) for e in encoded]
-        return _Chunk(index, samples, encoded, masks)
+        return TokenisedChunk(index, samples, encoded, masks)
 
-    def chunks(self, samples: Sequence[ChatSample], indices: Sequence[int]) -> Iterator[_Chunk]:
+    def chunks(self, samples: Sequence[ChatSample], indices: Sequence[int]) -> Iterator[TokenisedChunk]:
         """Tokenised chunks, the next one prepared in a background thread while this one runs."""
         size = self.config.chunk_size
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -102,7 +102,7 @@ class ScoreStream:
                 yield pending.result()
 
     @torch.no_grad()
-    def score_chunk(self, chunk: _Chunk) -> list[SampleScore]:
+    def score_chunk(self, chunk: TokenisedChunk) -> list[SampleScore]:
         """Scores of a chunk's samples, in input order."""
         results: dict[int, SampleScore] = {}
         for batch in length_batches([len(m) for m in chunk.masks], self.config.token_budget):
