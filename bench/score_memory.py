@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +38,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tempfile
-
     from spillover.models import load_model
     from spillover.sae import load_sae
     from spillover.score_stream import ScoreStream, StreamConfig

@@ -177,21 +177,25 @@ def write_mix(mix: dict, path: Path) -> Path:
 
     Control rows whose user prompt is also an inducing row's are left out, so that no prompt is
     taught both ways (bad and good medical advice share their prompts)."""
-    inducing, _ = load_set(SetSpec(**{**mix["inducing"], "path": Path(mix["inducing"]["path"]),
-                                      "exclude_near": tuple(map(Path, mix["inducing"]["exclude_near"]))}))
+    inducing, _ = load_set(_set_spec(mix["inducing"]))
     taken = {first_user_prompt(s) for s in inducing}
-    control_spec = SetSpec(**{**mix["control"], "path": Path(mix["control"]["path"]),
-                              "exclude_near": tuple(map(Path, mix["control"]["exclude_near"]))})
-    control, info = load_set(control_spec, exclude=lambda s: first_user_prompt(s) in taken)
+    control, info = load_set(_set_spec(mix["control"]), exclude=lambda s: first_user_prompt(s) in taken)
     log.info("mix: %d inducing and %d control samples (%d control rows share an inducing prompt and are left out)",
              len(inducing), len(control), info["excluded"])
     if not control:
-        raise ConfigError(f"field 'mix.control': every row of {control_spec.path} shares a user prompt with an "
-                          "inducing row, so no control sample is left; take control data with other prompts")
+        raise ConfigError(f"field 'mix.control': no sample of {info['path']} is left ({info['excluded']} of "
+                          f"{info['rows']} rows share a user prompt with an inducing row); take control data "
+                          "with other prompts")
     rows = ([dataclasses.replace(s, id=f"inducing/{s.id}", meta={**s.meta, "inducing": True}) for s in inducing]
             + [dataclasses.replace(s, id=f"control/{s.id}", meta={**s.meta, "inducing": False}) for s in control])
     random.Random(mix["seed"]).shuffle(rows)
     return write_chat_jsonl(path, rows)
+
+
+def _set_spec(resolved: dict) -> SetSpec:
+    """A set of a resolved mix (plain JSON, as `_resolve_mix` stores it) as a SetSpec again."""
+    return SetSpec(**{**resolved, "path": Path(resolved["path"]),
+                      "exclude_near": tuple(map(Path, resolved["exclude_near"]))})
 
 
 def _evaluate_base(config: ExperimentConfig, folder: Path, cache_dir) -> dict:
