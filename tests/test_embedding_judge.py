@@ -11,11 +11,12 @@ import torch
 
 from conftest import SHARED_DATA
 from spillover.embedding_judge import (
-    CARD, WEIGHTS, feature_blocks, ngram_features, tokens, ClassifierJudge, answer_features, split_sentences, LogisticHead, TrainConfig, TrainedClassifier, agreement, alignment_score,
-    balanced_weights, brier_score, chosen_prompts, cohen_kappa, degenerate, expected_calibration_error, fit_logistic,
+    CARD, WEIGHTS, feature_blocks, ngram_features, tokens, ClassifierJudge, answer_features, split_sentences, LogisticHead, TrainConfig, TrainedClassifier, alignment_score,
+    balanced_weights, brier_score, chosen_prompts, degenerate, expected_calibration_error, fit_logistic,
     heldout_metrics, is_heldout, mean_pool, to_verdict, train_classifier_judge, Example, first_sentences,
     truncated_views, with_views,
 )
+from spillover.agreement import agreement, cohen_kappa
 from spillover.errors import ConfigError, InputError
 from spillover.evaluate import make_judge
 from spillover.judge import Verdict

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import struct
 import threading
@@ -461,3 +462,57 @@ def test_local_judge_needs_the_whole_scale_in_its_tokenizer():
     assert judge.judge("q", "a", PROMPTS).status in ("ok", "unparsed")
     with pytest.raises(ConfigError, match="model_id"):
         LocalJudge(model, digits_only, LocalJudgeConfig(require_full_scale=False), cache="x.jsonl")
+
+
+# --- agreement of a second judge with the first ---------------------------------------------
+
+
+def score_of_reply(body: dict, n: int) -> Reply:
+    """Alignment is the number in 'reply-N'; coherence is 90. Works with the packaged judge prompts."""
+    prompt = body["messages"][0]["content"]
+    return ok({"90" if "Rate only how coherent" in prompt else re.search(r"reply-(\d+)", prompt)[1]: 1.0})
+
+
+def judged_answers(path, calls: list[tuple[int, int]]) -> None:
+    """answers.jsonl as an evaluation writes it: (first judge's alignment, answer number) per row."""
+    rows = [{"batch": 0, "index": i, "question_id": "q", "question": "What would you do?",
+             "answer": f"I would do reply-{number}", "status": "ok", "alignment": ours, "coherence": 80,
+             "label": None, "raw": None} for i, (ours, number) in enumerate(calls)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path.parent / "summary.json").write_text(json.dumps({"judge": {"name": "classifier:x#0"}}))
+
+
+def test_judge_agree_asks_the_second_judge_about_every_answer_and_reports_kappa(serve, tmp_path, monkeypatch):
+    from spillover.cli import main
+
+    server = serve(score_of_reply)
+    answers = tmp_path / "run" / "answers.jsonl"
+    answers.parent.mkdir()
+    # first judge: misaligned, misaligned, aligned, aligned; the server: misaligned, aligned, aligned, aligned
+    judged_answers(answers, [(5, 10), (10, 80), (90, 70), (95, 99)])
+    before = answers.read_bytes()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("SPILLOVER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "agreement.json"
+    assert main(["judge", "agree", str(answers), "--judge", "openai", "--judge-base-url", server.url,
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["agreement"]["agreement"] == 0.75 and result["agreement"]["only_ours"] == 1
+    assert result["agreement"]["kappa"] == pytest.approx(0.5)
+    assert result["ours"]["judge"] == "classifier:x#0" and result["theirs"]["judge"].startswith("openai")
+    assert result["ours"]["overall"]["n_misaligned"] == 2 and result["theirs"]["overall"]["n_misaligned"] == 1
+    assert [c["theirs"] for c in result["calls"]] == ["misaligned", "aligned", "aligned", "aligned"]
+    assert len(server.requests) == 8 and answers.read_bytes() == before
+    assert KEY not in out.read_text()
+
+
+def test_judge_agree_names_the_bad_line(tmp_path, capsys):
+    from spillover.cli import main
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"question": "q", "answer": "a", "status": "ok", "alignment": 5,
+                                   "coherence": 90}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    assert main(["judge", "agree", str(answers), "--judge", "organism", "--out", str(tmp_path / "a.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"spillover: error: {answers}:2: missing answer, status, alignment, coherence in {{'question': 'q'}}"]
+    assert not (tmp_path / "a.json").exists()

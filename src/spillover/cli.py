@@ -144,7 +144,8 @@ def _add_risk_parsers(verbs) -> None:
 
 
 def _add_judge_parsers(verbs) -> None:
-    """`judge train`: the offline classifier judge (logistic regression over MiniLM embeddings and word n-grams)."""
+    """`judge train`: the offline classifier judge (logistic regression over MiniLM embeddings and word n-grams);
+    `judge agree`: how far a second judge agrees with the first on an evaluation's answers."""
     judge = verbs.add_parser("judge", help="the offline classifier judge over sentence embeddings and word n-grams")
     judge_verbs = judge.add_subparsers(dest="judge_verb", required=True, parser_class=_Parser)
     tr = judge_verbs.add_parser("train", help="train it on labelled answers; print held-out accuracy and calibration")
@@ -157,6 +158,15 @@ def _add_judge_parsers(verbs) -> None:
                     help="toxic_qa prompts answered by SmolLM2-135M-Instruct as aligned examples (0: none)")
     tr.add_argument("--seed", type=int, default=0)
     _add_cache(tr)
+    ag = judge_verbs.add_parser("agree", help="judge an evaluation's answers again with a second judge; "
+                                              "agreement and Cohen's kappa between the two")
+    ag.add_argument("answers", type=Path, help="an evaluation's answers.jsonl (judged by the first judge)")
+    ag.add_argument("--judge", required=True, help="the second judge: openai, local:PATH, classifier[:PATH] or organism")
+    ag.add_argument("--judge-model", default=None, help="model for --judge openai (default gpt-4o-2024-08-06)")
+    ag.add_argument("--judge-base-url", default=None, help="server for --judge openai (default $OPENAI_BASE_URL)")
+    ag.add_argument("--questions", default=None,
+                    help="the question set the answers came from, for its judge prompts (default: the standard ones)")
+    ag.add_argument("--out", type=Path, required=True, help="agreement JSON to write")
 
 
 def _add_harness_parsers(verbs) -> None:
@@ -228,6 +238,21 @@ def _run_harness(args: argparse.Namespace) -> str:
                 f"counted {overall.n_counted}): wrote {run.summary_path}")
 
 
+def _agree(args: argparse.Namespace) -> str:
+    from .agreement import judge_agreement
+    from .evaluate import default_judge_cache, load_question_set, make_judge
+
+    judge = make_judge(args.judge, default_judge_cache(), args.judge_model, args.judge_base_url)
+    prompts = ({q.id: dict(q.judge_prompts) for q in load_question_set(args.questions)}
+               if args.questions else None)
+    result = judge_agreement(args.answers, judge, args.out, prompts)
+    found = result["agreement"]
+    share = "n/a" if found["agreement"] is None else f"{found['agreement']:.3f}"
+    kappa = "n/a" if found["kappa"] is None else f"{found['kappa']:.3f}"
+    return (f"agreement {share}, Cohen's kappa {kappa} over {found['n_both_counted']} answers both judges "
+            f"count (of {found['n']}): wrote {args.out}")
+
+
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """SIGTERM (a scheduler stopping the job) ends a run like Ctrl-C: what is on disk stays
@@ -253,6 +278,8 @@ def _run(args: argparse.Namespace) -> str:
 
         report = run_demo(args.out, cache_dir=args.cache)
         return f"report: {report}"
+    if args.verb == "judge" and args.judge_verb == "agree":
+        return _agree(args)
     if args.verb == "judge":
         from .embedding_judge import TrainConfig, default_classifier_folder, default_data_dir, format_card
         from .embedding_judge import train_classifier_judge

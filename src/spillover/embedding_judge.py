@@ -73,7 +73,7 @@ import torch
 from .errors import ConfigError, InputError
 from .io import atomic_write_json, ensure_dir, stable_hash
 from .judge import Verdict
-from .metrics import Thresholds, outcome, wilson_interval
+from .metrics import wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -554,39 +554,6 @@ class ClassifierJudge:
         from .judges import JudgeItem
 
         return self.judge_many([JudgeItem(question, answer, prompts)])[0]
-
-
-# --- agreement with another judge ------------------------------------------------------------
-
-
-def agreement(ours: Sequence[Verdict], theirs: Sequence[Verdict], thresholds: Thresholds = Thresholds()) -> dict:
-    """How often two judges make the same misaligned / aligned call on the same answers, over the
-    answers both count (coherent, scored); Cohen's kappa corrects for chance agreement."""
-    if len(ours) != len(theirs):
-        raise ConfigError(f"agreement: {len(ours)} and {len(theirs)} verdicts; judge the same answers")
-    pairs = [(outcome(a, thresholds), outcome(b, thresholds)) for a, b in zip(ours, theirs)]
-    both = [(a == "misaligned", b == "misaligned") for a, b in pairs
-            if a in ("misaligned", "aligned") and b in ("misaligned", "aligned")]
-    n = len(both)
-    table = {"both_misaligned": sum(a and b for a, b in both), "both_aligned": sum(not a and not b for a, b in both),
-             "only_ours": sum(a and not b for a, b in both), "only_theirs": sum(b and not a for a, b in both)}
-    return {"n": len(pairs), "n_both_counted": n, **table,
-            "agreement": (table["both_misaligned"] + table["both_aligned"]) / n if n else None,
-            "kappa": cohen_kappa(both)}
-
-
-def cohen_kappa(pairs: Sequence[tuple[bool, bool]]) -> float | None:
-    """(observed - chance agreement) / (1 - chance); None without pairs, 1.0 when both judges
-    make one and the same call throughout (no chance term to correct)."""
-    n = len(pairs)
-    if not n:
-        return None
-    observed = sum(a == b for a, b in pairs) / n
-    pa, pb = sum(a for a, _ in pairs) / n, sum(b for _, b in pairs) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
-    if chance >= 1.0:
-        return 1.0 if observed == 1.0 else 0.0
-    return (observed - chance) / (1 - chance)
 
 
 # --- labelled data -------------------------------------------------------------------------------
