@@ -148,11 +148,26 @@ def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict
     for strategy, score in (("geometry", config.score), ("projection", "projection")):
         if strategy not in config.strategies:
             continue
+        folder = out / "scores" / strategy
         started = time.perf_counter()
-        scores[strategy] = score_file(config.model, config.train, config.sae, config.toxic, out / "scores" / strategy,
+        scores[strategy] = score_file(config.model, config.train, config.sae, config.toxic, folder,
                                       score, config.toxic_ref, config.harmless_ref, cache_dir)
-        costs[strategy] = {"forward_passes": n, "judge_calls": 0, "seconds": round(time.perf_counter() - started, 2)}
+        costs[strategy] = _scoring_cost(folder, n, time.perf_counter() - started)
     return scores, costs
+
+
+def _scoring_cost(folder: Path, n: int, seconds: float) -> dict:
+    """The cost of the run that scored the set, kept beside the scores: a rerun that finds them
+    finished takes a second, and would otherwise report that as the strategy's cost."""
+    path = folder / "cost.json"
+    scored = json.loads((folder / "score.json").read_text())["data_sha256"]
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("data_sha256") == scored:
+            return kept["cost"]
+    cost = {"forward_passes": n, "judge_calls": 0, "seconds": round(seconds, 2)}
+    atomic_write_json(path, {"data_sha256": scored, "cost": cost})
+    return cost
 
 
 def _question_file(spec: str) -> bool:
@@ -207,7 +222,8 @@ def _evaluate_base(config: ExperimentConfig, folder: Path, cache_dir) -> dict:
     overall = evaluation.summary.overall
     log.info("base model: misaligned %.3f", overall.misaligned_rate)
     return {"n": overall.n, "n_counted": overall.n_counted, "n_misaligned": overall.n_misaligned,
-            "misaligned_rate": overall.misaligned_rate, "coherent_rate": overall.coherent_rate}
+            "misaligned_rate": overall.misaligned_rate, "ci95": list(overall.ci95),
+            "coherent_rate": overall.coherent_rate}
 
 
 def _run_one(config: ExperimentConfig, folder: Path, strategy: str, fraction: float, seed: int,
