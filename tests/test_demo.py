@@ -135,6 +135,8 @@ def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, orga
     assert rows["random"]["reduction_vs_random"] == 0.0
     assert summary["none"]["misaligned_rate"] is not None
     assert summary["base"]["misaligned_rate"] < summary["none"]["misaligned_rate"]  # fine-tuning on inducing data
+    assert main(argv) == 0  # a rerun finds every stage done: the same summary, the scoring's cost included
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
     config.write_text(config.read_text().replace("path: control.jsonl", "path: inducing.jsonl"))
     argv[3] = str(tmp_path / "run2")  # a control set with only the inducing prompts leaves nothing to mix
     assert main(argv) == 2 and "field 'mix.control'" in capsys.readouterr().err
@@ -167,3 +169,22 @@ def test_collect_select_and_a_study_config_on_any_model(demo_run, organism, tmp_
     assert list(geometry["layers"]) == ["1"]
     study.write_text(study.read_text() + "colour: red\n")
     assert main(["geometry", "--config", str(study), "--out", str(tmp_path / "geo2"), *cache]) == 2
+
+
+def test_organism_spillover_follows_cosine_where_fine_tuning_acts(demo_run, organism):
+    """`spillover theory`'s organism check on the demo's study: every feature's measured change on
+    held-out prompts of other domains follows the prediction sum_t alpha_t cos(d_j, d_t)."""
+    from spillover.organism.study import organism_saes
+    from spillover.organism.theory import OrganismTheoryConfig, headline_layer, run_organism_spillover
+
+    out, _ = demo_run
+    study = OrganismStudyConfig(n_per_set=160, sae_conversations=300,
+                                sae=TopKTrainingConfig(d_sae=512, k=16, steps=120, batch_size=512))
+    saes = organism_saes(organism, out / "geometry", study)  # the demo's, already trained
+    layers = run_organism_spillover(organism, saes, out / "geometry", OrganismTheoryConfig(n_train=160, n_held_out=160))
+    assert [layer["layer"] for layer in layers] == [0, 1, 2]
+    headline = headline_layer(layers)
+    chosen = next(layer for layer in layers if layer["layer"] == headline["layer"])
+    assert chosen["readout"]["mean_target_gain"] == max(layer["readout"]["mean_target_gain"] for layer in layers)
+    assert headline["spearman"] > 0.5, layers  # 0.735 at layer 2 when written
+    assert all(layer["readout"]["split_half_spearman"] > 0 for layer in layers)
