@@ -309,8 +309,10 @@ def _run(args: argparse.Namespace) -> str:
     if args.verb == "theory":
         from .organism.theory import run_theory
 
-        run_theory(args.out, cache_dir=args.cache)
-        return f"wrote {args.out / 'theory.json'}"
+        report = run_theory(args.out, cache_dir=args.cache)
+        headline = report["organism_headline"]
+        return (f"toy model Pearson {report['toy']['pearson']:.4f}; organism Spearman {headline['spearman']:.3f} "
+                f"at layer {headline['layer']} ({headline['rule']}): wrote {args.out / 'theory.json'}")
     if args.verb in ("finetune", "evaluate"):
         return _run_harness(args)
     if args.verb == "score":
