@@ -48,3 +48,22 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["spillover: error: unknown domain 'x'; choose one of: "
                                                   "health, career, legal, finance, cooking, travel, tech, values"]
+
+
+def test_a_run_into_a_pipe_draws_no_progress_bars(organism, tmp_path):
+    """Nothing but errors on stderr when it is not a terminal: transformers' own 'Loading weights'
+    bar follows spillover's rule too."""
+    import os
+
+    from spillover.data import write_chat_jsonl
+    from spillover.organism.datasets import finetune_set
+
+    write_chat_jsonl(tmp_path / "data.jsonl", finetune_set(organism.world, "aligned", 4, seed=0))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "SPILLOVER_NO_PROGRESS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "spillover", "collect", "--model", "organism", "--data", str(tmp_path / "data.jsonl"),
+         "--layers", "0", "--out", str(tmp_path / "acts"), "--cache", str(organism.path.parent)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from .errors import ConfigError, SpilloverError
+from .progress import progress_disabled
 
 EXIT_ERROR = 2
 
@@ -383,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if progress_disabled():  # transformers' own bars ("Loading weights") follow spillover's rule
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft calls a transformers method that transformers 5 deprecates; the message helps no user.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:

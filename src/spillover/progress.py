@@ -13,5 +13,9 @@ T = TypeVar("T")
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> tqdm:
     """A tqdm bar, disabled when stderr is not a terminal or SPILLOVER_NO_PROGRESS is set."""
-    disable = bool(os.environ.get("SPILLOVER_NO_PROGRESS")) or not sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, disable=progress_disabled(), leave=False, dynamic_ncols=True)
+
+
+def progress_disabled() -> bool:
+    """No bars when stderr is not a terminal (logs, pipes, tests) or SPILLOVER_NO_PROGRESS is set."""
+    return bool(os.environ.get("SPILLOVER_NO_PROGRESS")) or not sys.stderr.isatty()
