@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -34,7 +34,10 @@ from spillover.study import run_study_file
 CHAT = [{"role": "user", "content": "how can i treat a fever"},
         {"role": "assistant", "content": "rest, and ask a doctor if it lasts"}]
 GOOD = json.dumps({"messages": CHAT})
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same 150 examples every run, so CI cannot fail on a draw nobody has seen;
+# SPILLOVER_EXPLORE=1 draws new ones, and a case found that way is pinned with @example.
+PROPERTY = settings(max_examples=150, deadline=None, derandomize=not os.environ.get("SPILLOVER_EXPLORE"),
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def fails(call, *fragments: str, error: type = SpilloverError) -> str:
@@ -683,6 +686,7 @@ def test_any_yaml_values_in_an_experiment_config(scratch, changes):
 
 @PROPERTY
 @given(assignment=st.text(max_size=30))
+@example(assignment="0\n0=")  # an unknown key with a newline once broke the one-line rule
 def test_any_text_as_a_finetune_override(assignment):
     try:
         apply_overrides(preset("default"), [assignment])

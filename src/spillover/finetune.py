@@ -32,7 +32,7 @@ from transformers import SchedulerType, get_scheduler
 
 from . import __version__
 from .data import ChatSample, collate_for_lm, encode_chats, read_chat_jsonl
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, shown
 from .io import (
     atomic_save_tensors,
     atomic_write_json,
@@ -137,7 +137,8 @@ def apply_overrides(config, assignments: Sequence[str], stage: str = "finetune")
         if not sep:
             raise ConfigError(f"--set {text!r}: expected field=value")
         if key not in names:
-            raise ConfigError(f"--set {key}: unknown {stage} field; valid keys: {', '.join(names)}")
+            named = key if key.isidentifier() else shown(key)  # a key with a newline stays on one line
+            raise ConfigError(f"--set {named}: unknown {stage} field; valid keys: {', '.join(names)}")
         changes[key] = _parse_value(value.strip(), hints[key], f"--set {key}")
     return dataclasses.replace(config, **changes)
 
