@@ -157,16 +157,18 @@ def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict
 
 
 def _scoring_cost(folder: Path, n: int, seconds: float) -> dict:
-    """The cost of the run that scored the set, kept beside the scores: a rerun that finds them
-    finished takes a second, and would otherwise report that as the strategy's cost."""
+    """The cost of the run that wrote these scores, kept beside them (keyed by their hash): a
+    rerun that finds them finished takes a second, and would otherwise report that as the cost."""
+    from .models import sha256_file
+
     path = folder / "cost.json"
-    scored = json.loads((folder / "score.json").read_text())["data_sha256"]
+    scores = sha256_file(folder / "scores.jsonl")
     if path.exists():
         kept = json.loads(path.read_text())
-        if kept.get("data_sha256") == scored:
+        if kept.get("scores_sha256") == scores:
             return kept["cost"]
     cost = {"forward_passes": n, "judge_calls": 0, "seconds": round(seconds, 2)}
-    atomic_write_json(path, {"data_sha256": scored, "cost": cost})
+    atomic_write_json(path, {"scores_sha256": scores, "cost": cost})
     return cost
 
 
