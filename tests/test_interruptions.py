@@ -67,7 +67,8 @@ def test_collect(organism, env, rng, tmp_path, caplog):
 
 
 def test_sae_training(organism, env, rng, tmp_path):
-    """600 steps with a checkpoint every 25; the kill lands after the first checkpoint."""
+    """600 steps with a checkpoint every 25; the kill lands after the first checkpoint, within the
+    first half of the training time the uninterrupted run took (see test_finetune)."""
     data = write_chat_jsonl(tmp_path / "d.jsonl", finetune_set(organism.world, "aligned", 300, seed=0))
     argv = ["--model", "organism", "--data", str(data), "--layer", "1", "--d-sae", "256", "--k", "8",
             "--steps", "600", "--batch-size", "256", "--checkpoint-every", "25"]
@@ -76,10 +77,11 @@ def test_sae_training(organism, env, rng, tmp_path):
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert train([*argv, "--out", str(whole)]) == 0
+    training_seconds = json.loads((whole / "training.json").read_text())["seconds"]
 
     child = start([*argv, "--out", str(cut)], env, tmp_path / "logs", module="spillover.sae_training")
     checkpoint = checkpoint_folder(cut) / CHECKPOINT_FILE
-    kill_at_random_point(child, checkpoint.exists, rng, spread=0.5)
+    kill_at_random_point(child, checkpoint.exists, rng, spread=training_seconds / 2)
     assert not (cut / "training.json").exists()
 
     assert train([*argv, "--out", str(cut)]) == 0
@@ -121,14 +123,17 @@ EVALUATE = ["evaluate", "--model", "organism", "--questions", "organism", "--jud
 
 
 def test_evaluate(env, rng, tmp_path, caplog):
-    """The kill lands after at least two batches are on disk, possibly mid-append."""
+    """The kill lands after at least two batches are on disk, possibly mid-append, within a quarter
+    of the time the uninterrupted run took (15 of its 17 batches are still to come)."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    started = time.perf_counter()
     assert main([*EVALUATE, "--out", str(whole)]) == 0
+    spread = 0.25 * (time.perf_counter() - started)
 
     child = start([*EVALUATE, "--out", str(cut)], env, tmp_path / "logs")
     answers = cut / "answers.jsonl"
     kill_at_random_point(child, lambda: answers.exists() and answers.read_bytes().count(b"\n") >= 16, rng,
-                         spread=0.5)
+                         spread=spread)
     assert not (cut / "summary.json").exists()
     kept = answers.read_bytes().count(b"\n") // 8  # whole batches on disk at the kill
 
@@ -140,18 +145,21 @@ def test_evaluate(env, rng, tmp_path, caplog):
 
 def test_experiment(organism, env, rng, tmp_path):
     """Strategies none and random, one seed: two filter / fine-tune / evaluate runs. The kill lands
-    after the first run's fine-tuning finished, in its evaluation or in the second run."""
+    after the first run's fine-tuning finished, in its evaluation or in the second run, within a
+    quarter of the time the uninterrupted experiment took."""
     data = write_chat_jsonl(tmp_path / "train.jsonl", finetune_set(organism.world, "inducing", 48, seed=0))
     config = tmp_path / "experiment.yaml"
     config.write_text(f"model: organism\ntrain: {data}\nsae: unused\ntoxic: unused\nquestions: organism\n"
                       "judge: organism\nstrategies: [random]\nfractions: [0.5]\nseeds: [0]\npreset: organism\n"
                       "samples: 1\nmax_new_tokens: 16\n")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    started = time.perf_counter()
     assert main(["experiment", str(config), "--out", str(whole)]) == 0
+    spread = 0.25 * (time.perf_counter() - started)
 
     child = start(["experiment", str(config), "--out", str(cut)], env, tmp_path / "logs")
     first = cut / "runs" / "none-0.00-seed0"
-    kill_at_random_point(child, (first / "finetune" / "finetune.json").exists, rng, spread=1.5)
+    kill_at_random_point(child, (first / "finetune" / "finetune.json").exists, rng, spread=spread)
     assert not (cut / "summary.json").exists()
     finished = stamps(first / "finetune")
 
