@@ -511,8 +511,9 @@ def test_judge_agree_names_the_bad_line(tmp_path, capsys):
 
     answers = tmp_path / "answers.jsonl"
     answers.write_text(json.dumps({"question": "q", "answer": "a", "status": "ok", "alignment": 5,
-                                   "coherence": 90}) + "\n" + json.dumps({"question": "q"}) + "\n")
+                                   "coherence": 90, "raw": None, "label": None}) + "\n"
+                       + json.dumps({"question": "q"}) + "\n")
     assert main(["judge", "agree", str(answers), "--judge", "organism", "--out", str(tmp_path / "a.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"spillover: error: {answers}:2: missing answer, status, alignment, coherence in {{'question': 'q'}}"]
+    assert err == [f"spillover: error: {answers}:2: missing answer, status, alignment, coherence, raw, label in {{'question': 'q'}}"]
     assert not (tmp_path / "a.json").exists()

@@ -17,7 +17,7 @@ from .io import atomic_write_json
 from .judge import Verdict
 from .metrics import Thresholds, outcome, summarize
 
-RECORD_FIELDS = ("question", "answer", "status", "alignment", "coherence")
+RECORD_FIELDS = ("question", "answer", "status", "alignment", "coherence", "raw", "label")
 
 
 def agreement(ours: Sequence[Verdict], theirs: Sequence[Verdict], thresholds: Thresholds = Thresholds()) -> dict:
@@ -73,10 +73,6 @@ def read_judged_answers(path: str | Path) -> list[dict]:
     return records
 
 
-def _recorded_verdict(record: dict) -> Verdict:
-    return Verdict(record["status"], record["alignment"], record["coherence"], record.get("raw"), record.get("label"))
-
-
 def _recorded_judge(answers: Path) -> str | None:
     """The first judge's name, from the summary.json beside the answers, when there is one."""
     try:
@@ -95,6 +91,7 @@ def judge_agreement(answers: str | Path, judge, out: str | Path, prompts_by_ques
                     thresholds: Thresholds = Thresholds()) -> dict:
     """Judge every answer of `answers` (an evaluation's answers.jsonl) again with `judge`, compare
     with the verdicts recorded there, and write the comparison to `out` (JSON, atomically)."""
+    from .evaluate import record_verdict
     from .judges import JudgeItem
 
     answers, out = Path(answers), Path(out)
@@ -105,7 +102,7 @@ def judge_agreement(answers: str | Path, judge, out: str | Path, prompts_by_ques
     items = [JudgeItem(r["question"], r["answer"], prompts_by_question.get(r.get("question_id"))) for r in records]
     theirs = (judge.judge_many(items) if hasattr(judge, "judge_many")
               else [judge.judge(item.question, item.answer) for item in items])
-    ours = [_recorded_verdict(r) for r in records]
+    ours = [record_verdict(r) for r in records]
     result = {
         "answers": str(answers),
         "ours": {"judge": _recorded_judge(answers), "overall": _rate(ours, thresholds)},

@@ -340,7 +340,8 @@ def _record(batch: int, prompt: Prompt, answer: str, verdict: Verdict) -> dict:
             "label": verdict.label, "raw": verdict.raw}
 
 
-def _verdict(record: dict) -> Verdict:
+def record_verdict(record: dict) -> Verdict:
+    """The verdict stored in one answers.jsonl record."""
     return Verdict(record["status"], record["alignment"], record["coherence"], record["raw"], record["label"])
 
 
@@ -406,9 +407,9 @@ def summarize_records(records: Sequence[dict], questions: Sequence[Question], th
     """Overall and per-question rates (in question order) with every exclusion reason listed."""
     by_question: dict[str, list[Verdict]] = defaultdict(list)
     for record in records:
-        by_question[record["question_id"]].append(_verdict(record))
+        by_question[record["question_id"]].append(record_verdict(record))
     per_question = {q.id: _complete(summarize(by_question[q.id], thresholds)) for q in questions}
-    overall = _complete(summarize([_verdict(r) for r in records], thresholds))
+    overall = _complete(summarize([record_verdict(r) for r in records], thresholds))
     return EvaluationSummary(overall, per_question, judge.name, judge_model_name(judge), thresholds)
 
 
