@@ -132,6 +132,7 @@ def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, orga
     rows = {r["strategy"]: r for r in summary["table"]}
     assert set(rows) == {"geometry", "random", "judge"}
     assert rows["geometry"]["inducing_removed"] > 0.7 and rows["judge"]["inducing_removed"] == 1.0
+    assert set(summary["score_auroc"]) == {"geometry"} and summary["score_auroc"]["geometry"] > 0.9
     assert rows["random"]["reduction_vs_random"] == 0.0
     assert summary["none"]["misaligned_rate"] is not None
     assert summary["base"]["misaligned_rate"] < summary["none"]["misaligned_rate"]  # fine-tuning on inducing data

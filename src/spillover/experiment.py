@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .data import read_chat_jsonl, write_chat_jsonl
 from .dedup import first_user_prompt
 from .errors import ConfigError
@@ -24,8 +26,8 @@ from .finetune import apply_overrides, preset, run_finetune
 from .io import atomic_write_json, ensure_dir, read_yaml_mapping
 from .lm import SamplingConfig
 from .metrics import pooled_rate, reduction
-from .risk import filter_file, score_file
-from .scoring import SCORE_NAMES
+from .risk import filter_file, read_scores, score_file
+from .scoring import SCORE_NAMES, auroc
 from .study_sets import SetSpec, load_set, parse_set
 
 log = logging.getLogger(__name__)
@@ -137,9 +139,22 @@ def run_experiment(config_path: str | Path, out_dir: str | Path, cache_dir: str 
                            scores, cache_dir)
             run["inducing_removed"] = len(inducing & set(run.pop("removed_ids"))) / len(inducing) if inducing else None
             runs.setdefault((strategy, fraction), []).append(run)
-    summary = {"base": _evaluate_base(config, out / "base", cache_dir), **_summarize(runs, costs, config)}
+    summary = {"base": _evaluate_base(config, out / "base", cache_dir), **_summarize(runs, costs, config),
+               "score_auroc": _score_auroc(scores, samples, inducing)}
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _score_auroc(scores: dict[str, Path], samples: list, inducing: set[str]) -> dict[str, float] | None:
+    """How well each score ranks the inducing rows above the others (None without both kinds)."""
+    if not inducing or len(inducing) == len(samples):
+        return None
+    flags = torch.tensor([s.id in inducing for s in samples])
+    aurocs = {}
+    for strategy, path in scores.items():
+        risks = read_scores(path)
+        aurocs[strategy] = auroc(torch.tensor([risks[s.id] for s in samples]), flags)
+    return aurocs
 
 
 def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict[str, Path], dict[str, dict]]:
