@@ -3,7 +3,8 @@
 bench/score.py compares peaks at 1x and 10x samples; a peak that grows between the two could be
 growth without bound or a working set that takes a few chunks to reach its size. This script
 scores many chunks in one process (spillover's path only, random TopK SAE as in score.py) and
-prints, after each chunk, the peak and the current RSS above setup, so the curve shows which.
+prints, after each chunk, the peak and the current RSS above setup, so the curve shows which, and
+the longest sample scored so far (attention's working set grows with its square).
 
     .venv/bin/python bench/score_memory.py --model smollm2-135m-instruct --n 320 --chunk-size 16 --out DIR
 
@@ -59,11 +60,12 @@ def main(argv: list[str] | None = None) -> None:
         stream.score_chunk(chunk)
     setup_mb = (status_kb("VmRSS") or 0) / 1024
     reset_peak()
-    rows, started = [], time.perf_counter()
+    rows, started, longest = [], time.perf_counter(), 0
     for chunk in stream.chunks(samples, range(-(-len(samples) // args.chunk_size))):
         stream.score_chunk(chunk)
+        longest = max([longest] + [min(len(e.input_ids), MAX_LENGTH) for e in chunk.encoded])
         rows.append({"chunk": chunk.index, "samples_done": min((chunk.index + 1) * args.chunk_size, len(samples)),
-                     "seconds": round(time.perf_counter() - started, 2),
+                     "seconds": round(time.perf_counter() - started, 2), "longest_sample_so_far": longest,
                      "peak_over_setup_mb": round(peak_kb() / 1024 - setup_mb, 1),
                      "rss_over_setup_mb": round((status_kb("VmRSS") or 0) / 1024 - setup_mb, 1)})
         print(json.dumps(rows[-1]), flush=True)
