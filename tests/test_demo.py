@@ -106,6 +106,30 @@ def test_score_and_filter_commands_on_the_demo_outputs(demo_run, organism, tmp_p
                  "--out", str(tmp_path / "x")]) == 2
 
 
+def test_both_scores_share_one_collection_of_the_reference_sets(demo_run, organism, tmp_path, caplog):
+    """Geometry with reference sets (for the dataset risk) and projection: the second score reads the
+    reference activations the first collected, and each writes its own scores."""
+    import logging
+
+    from spillover.organism.datasets import reference_set
+    from spillover.risk import read_scores, score_file
+
+    out, _ = demo_run
+    refs = {kind: write_chat_jsonl(tmp_path / f"{kind}.jsonl", reference_set(organism.world, kind, 40, seed=3))
+            for kind in ("toxic", "harmless")}
+    geometry, shared = out / "geometry", tmp_path / "references"
+    args = ("organism", out / "mitigation" / "mixed.jsonl", geometry / "sae" / "layer_1",
+            geometry / "features" / "layer_1" / "toxic.json")
+    caplog.set_level(logging.INFO, logger="spillover")
+    written = {score: score_file(*args, tmp_path / score, score, refs["toxic"], refs["harmless"], organism.path.parent,
+                                 reference_dir=shared)
+               for score in ("spillover", "projection")}
+    assert sorted(p.name for p in shared.iterdir()) == ["harmless_ref", "toxic_ref"]
+    assert caplog.text.count("shards already collected") == 2  # both sets, read by the second score
+    assert read_scores(written["spillover"]) != read_scores(written["projection"])
+    assert 0 <= json.loads((tmp_path / "spillover" / "score.json").read_text())["dataset_risk"] <= 1
+
+
 def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, organism, tmp_path, capsys):
     from spillover.cli import main
 

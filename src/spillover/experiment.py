@@ -166,7 +166,8 @@ def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict
         folder = out / "scores" / strategy
         started = time.perf_counter()
         scores[strategy] = score_file(config.model, config.train, config.sae, config.toxic, folder,
-                                      score, config.toxic_ref, config.harmless_ref, cache_dir)
+                                      score, config.toxic_ref, config.harmless_ref, cache_dir,
+                                      reference_dir=out / "scores" / "references")
         costs[strategy] = _scoring_cost(folder, n, time.perf_counter() - started)
     return scores, costs
 

@@ -33,11 +33,14 @@ log = logging.getLogger(__name__)
 
 def score_file(model: str, data: str | Path, sae_folder: str | Path, toxic_features: str | Path, out_dir: str | Path,
                score: str = "spillover", toxic_ref: str | Path | None = None, harmless_ref: str | Path | None = None,
-               cache_dir: str | Path | None = None, stream: StreamConfig = StreamConfig()) -> Path | None:
+               cache_dir: str | Path | None = None, stream: StreamConfig = StreamConfig(),
+               reference_dir: str | Path | None = None) -> Path | None:
     """Score every sample of `data`; writes scores.jsonl and score.json; returns scores.jsonl.
 
     Runs on the streaming path (spillover.score_stream); under torchrun every process takes a share
-    of the chunks and rank 0 writes the results (other ranks return None).
+    of the chunks and rank 0 writes the results (other ranks return None). The reference sets'
+    activations go to `reference_dir` (default `out_dir/activations`): several scores of one model,
+    SAE and reference sets can share them, and each reuses what another collected.
     """
     if score not in SCORE_NAMES:
         raise ConfigError(f"--score {score}: choose one of {', '.join(SCORE_NAMES)}")
@@ -49,7 +52,9 @@ def score_file(model: str, data: str | Path, sae_folder: str | Path, toxic_featu
     sae = load_sae(sae_folder, device=next(loaded.model.parameters()).device)
     layer = toxic.layer
     samples = read_chat_jsonl(data)
-    refs = _reference_activations(loaded, sae, layer, toxic_ref, harmless_ref, out) if toxic_ref and harmless_ref else {}
+    refs = (_reference_activations(loaded, sae, layer, toxic_ref, harmless_ref,
+                                   Path(reference_dir) if reference_dir else out / "activations")
+            if toxic_ref and harmless_ref else {})
     labels = logit_lens_labels(sae.W_dec.detach().float().cpu(),
                                loaded.model.get_output_embeddings().weight.detach().float().cpu(), loaded.tokenizer)
     reference = ToxicReference(sae.W_dec.detach().float().cpu(), toxic.indices,
@@ -74,7 +79,7 @@ def score_file(model: str, data: str | Path, sae_folder: str | Path, toxic_featu
 
 
 def _reference_activations(loaded, sae, layer: int, toxic_ref: str | Path, harmless_ref: str | Path,
-                           out: Path) -> dict:
+                           folder: Path) -> dict:
     """Pooled activations of the small toxic and harmless reference sets; rank 0 collects them and
     the other ranks of a torchrun job then read the finished shards."""
     rank, _ = distributed_rank()
@@ -82,7 +87,7 @@ def _reference_activations(loaded, sae, layer: int, toxic_ref: str | Path, harml
 
     def pool():
         return {name: collect(loaded.model, loaded.tokenizer, read_chat_jsonl(path), config, {layer: sae},
-                              out / "activations" / f"{name}_ref")
+                              folder / f"{name}_ref")
                 for name, path in (("toxic", toxic_ref), ("harmless", harmless_ref))}
 
     refs = pool() if rank == 0 else None
