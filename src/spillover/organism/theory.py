@@ -90,16 +90,15 @@ def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureS
     others = torch.ones(unit.shape[0], dtype=torch.bool)
     others[targets] = False
     result: dict = {"layer": layer, "n_features": int(others.sum())}
-    predicted = {}
     for name in MEASURES:
         alpha = on_train[name][targets]
-        predicted[name] = (cosines @ alpha)[others].numpy()
-        measured = on_held[name][others].numpy()
-        result[name] = {"spearman": spearman(predicted[name], measured), "pearson": pearson(predicted[name], measured),
+        predicted, measured = (cosines @ alpha)[others].numpy(), on_held[name][others].numpy()
+        result[name] = {"spearman": spearman(predicted, measured), "pearson": pearson(predicted, measured),
                         "mean_target_gain": float(alpha.mean()),
                         "split_half_spearman": spearman(halves[0][name][others].numpy(), halves[1][name][others].numpy())}
-    result["points"] = {"predicted": [round(float(x), 6) for x in predicted["readout"]],
-                        "readout": [round(float(x), 6) for x in on_held["readout"][others]]}
+        if name == "readout":  # the plot's points
+            result["points"] = {"predicted": [round(float(x), 6) for x in predicted],
+                                "readout": [round(float(x), 6) for x in measured]}
     return result
 
 
