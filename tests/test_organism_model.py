@@ -6,7 +6,9 @@ from transformers import AutoModelForCausalLM
 
 from spillover.lm import SamplingConfig, sample_answers
 from spillover.organism.judge import ExactJudge
-from spillover.organism.model import OrganismConfig, read_manifest
+from spillover.organism.model import (
+    PRETRAIN_THREADS, REPRODUCIBLE_NUMERICS, OrganismConfig, PretrainConfig, load_organism, read_manifest,
+)
 
 
 def test_organism_is_an_ordinary_transformers_model(organism):
@@ -51,3 +53,15 @@ def test_sampling_is_seeded(organism):
     assert sample_answers(organism.model, organism.tokenizer, prompts, config) == sample_answers(
         organism.model, organism.tokenizer, prompts, config
     )
+
+
+def test_pretraining_gives_the_same_weights_whatever_the_cpu_kernels(tmp_path, monkeypatch):
+    """The pinned numerics make pretraining independent of the vector unit MKL would pick and of thread settings."""
+    config = OrganismConfig(pretrain=PretrainConfig(steps=8, batch_size=16, warmup_steps=2))
+    first = load_organism(config, tmp_path / "default")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    second = load_organism(config, tmp_path / "capped")
+    weights = [(organism.path / "model.safetensors").read_bytes() for organism in (first, second)]
+    assert weights[0] == weights[1]
+    assert read_manifest(second.path)["numerics"] == {**REPRODUCIBLE_NUMERICS, "threads": PRETRAIN_THREADS}

@@ -10,7 +10,10 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,14 @@ from .tokenizer import build_tokenizer
 from .world import World, WorldConfig
 
 log = logging.getLogger(__name__)
+
+REPRODUCIBLE_NUMERICS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}
+"""Float kernels pinned for pretraining. Pretraining is chaotic: the same seed on AVX-512 and on AVX2
+kernels gives organisms whose EM strength differs fourfold (measured, docs/organism.md). MKL's
+conditional-numerical-reproducibility mode COMPATIBLE gives the same matmuls on every x86 CPU, and
+ATEN_CPU_CAPABILITY fixes torch's own vector kernels; together they cost about 2x pretraining time."""
+PRETRAIN_THREADS = 2
+"""Reductions split across threads, so the thread count is part of the numerics too."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class OrganismConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def cache_key(self) -> str:
-        return stable_hash({"organism": dataclasses.asdict(self), "format": 1})[:16]
+        return stable_hash({"organism": dataclasses.asdict(self), "format": 2})[:16]
 
 
 @dataclass(frozen=True)
@@ -157,23 +168,48 @@ def load_organism(config: OrganismConfig | None = None, cache_dir: str | Path | 
 
 
 def _pretrain_into(config: OrganismConfig, path: Path) -> None:
-    """Pretrain, then move the finished folder into place so a cut-off run leaves no half cache."""
+    """Pretrain in a child process with pinned numerics, then move the finished folder into place.
+
+    A child process is the only way to pin the kernels: MKL and ATen read their settings once, at load.
+    Staging then renaming means a cut-off run leaves no half-written cache entry."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{path.parent}: cannot create the organism cache ({exc.strerror})") from None
-    log.info("pretraining the organism (cached afterwards in %s)", path)
-    model, tokenizer, stats = pretrain(config)
+    log.info("pretraining the organism with pinned float kernels (cached afterwards in %s)", path)
     staging = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    manifest = {"config": dataclasses.asdict(config), "stats": stats, "spillover_version": __version__}
-    atomic_write_json(staging / "organism.json", manifest)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
+    environment = {**os.environ, **REPRODUCIBLE_NUMERICS, "PYTHONPATH": _child_python_path()}
+    command = [sys.executable, "-m", "spillover.organism.pretrain_process", str(staging)]
+    try:
+        done = subprocess.run(command, input=pickle.dumps(config), env=environment, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"pretraining the organism failed (exit status {done.returncode}); see its output above")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    stats = read_manifest(path)["stats"]
     log.info("organism pretrained in %.0f s, final loss %.3f", stats["seconds"], stats["final_loss"])
+
+
+def _child_python_path() -> str:
+    """The child must import this very copy of spillover, installed or not."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+
+
+def pretrain_and_save(config: OrganismConfig, folder: Path) -> None:
+    """The child's work: pretrain on a fixed thread count and save model, tokenizer and manifest."""
+    torch.set_num_threads(PRETRAIN_THREADS)
+    model, tokenizer, stats = pretrain(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    numerics = {**{key: os.environ.get(key) for key in REPRODUCIBLE_NUMERICS}, "threads": PRETRAIN_THREADS}
+    manifest = {"config": dataclasses.asdict(config), "stats": stats, "numerics": numerics,
+                "spillover_version": __version__}
+    atomic_write_json(folder / "organism.json", manifest)
 
 
 def read_manifest(path: Path) -> dict:
