@@ -40,7 +40,10 @@ def test_nearest_cosine_ignores_self_matches():
         cosine_to_set(d, [0], [1], "median")
 
 
-def test_planted_geometry_is_detected():
+@pytest.mark.parametrize("statistic, margin", [("nearest", 0.2), ("pairwise", 0.03)])
+def test_planted_geometry_is_detected(statistic, margin):
+    """Each inducing feature leans towards one of 20 toxic features: its nearest cosine rises a lot,
+    its mean cosine to all 20 by about a twentieth of that."""
     torch.manual_seed(1)
     d, f = 32, 400
     directions = unit_rows(torch.randn(f, d))
@@ -48,8 +51,8 @@ def test_planted_geometry_is_detected():
     for i in inducing:  # inducing features lean towards a toxic one
         directions[i] = unit_rows(directions[i] + 1.5 * directions[toxic[i % 20]])
     frequency = torch.rand(f)
-    geometry = compare_layer(directions, frequency, 0, inducing, control, toxic, n_perm=2000)
-    assert geometry.cos_inducing_toxic > geometry.cos_control_toxic + 0.2
+    geometry = compare_layer(directions, frequency, 0, inducing, control, toxic, n_perm=2000, statistic=statistic)
+    assert geometry.cos_inducing_toxic > geometry.cos_control_toxic + margin
     assert geometry.p_value < 0.01
     assert geometry.p_control_vs_random > 0.01
     lo, hi = geometry.ci95["inducing"]

@@ -52,7 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", type=Path, help="a study YAML: model, sets and SAEs of any model")
     geometry.add_argument("--out", type=Path, required=True, help="folder for geometry.json, features and plots")
     geometry.add_argument("--k", type=_positive_int, default=100, help="features per set (default 100)")
-    geometry.add_argument("--statistic", choices=["nearest", "pairwise"], default="nearest")
+    geometry.add_argument("--statistic", choices=["pairwise", "nearest"], default="pairwise",
+                          help="per feature: mean cosine to all toxic features (default) or to the nearest one")
     geometry.add_argument("--direction", choices=["decoder", "encoder"], default="decoder")
     _add_cache(geometry)
 

@@ -23,7 +23,7 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_to_set(directions: torch.Tensor, members: Sequence[int], targets: Sequence[int],
-                  statistic: Statistic = "nearest") -> torch.Tensor:
+                  statistic: Statistic = "pairwise") -> torch.Tensor:
     """Per member: its largest cosine to a target (`nearest`) or its mean cosine (`pairwise`).
 
     A feature is never compared with itself: one shared by both sets would otherwise count as 1.
@@ -96,7 +96,7 @@ class LayerGeometry:
 
 
 def compare_layer(directions: torch.Tensor, frequency: torch.Tensor, layer: int, inducing: Sequence[int],
-                  control: Sequence[int], toxic: Sequence[int], statistic: Statistic = "nearest",
+                  control: Sequence[int], toxic: Sequence[int], statistic: Statistic = "pairwise",
                   n_random: int = 5, n_boot: int = 2000, n_perm: int = 5000, seed: int = 0) -> LayerGeometry:
     """Cosines of inducing, control and frequency-matched random features to the toxic set."""
     cos_i = cosine_to_set(directions, inducing, toxic, statistic)

@@ -37,8 +37,9 @@ class GeometryConfig:
     k: int = 100
     """Features per set, as in the paper."""
     method: Literal["correlation", "mean_diff"] = "correlation"
-    statistic: Literal["nearest", "pairwise"] = "nearest"
-    """Per feature: cosine to its nearest toxic feature, or mean cosine to all of them."""
+    statistic: Literal["nearest", "pairwise"] = "pairwise"
+    """Per feature: mean cosine to all toxic features (the sum spillover is made of; decision 0004),
+    or cosine to its nearest one."""
     direction: Literal["decoder", "encoder"] = "decoder"
     n_random: int = 5
     """Frequency-matched random sets drawn for the baseline."""
@@ -144,11 +145,15 @@ def _checks(studies: Mapping[int, LayerStudy]) -> dict[str, bool]:
     }
 
 
+STATISTIC_LABELS = {"pairwise": "mean cosine to the toxic features", "nearest": "cosine to nearest toxic feature"}
+
+
 def plot_geometry(studies: Mapping[int, LayerStudy], out: Path) -> None:
     """Per-layer curves with intervals, and the cosine distributions at each layer."""
     import matplotlib.pyplot as plt
 
     layers = sorted(studies)
+    label = STATISTIC_LABELS[studies[layers[0]].geometry.statistic]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key, name, colour in (("inducing", "inducing", "#c0392b"), ("control", "control", "#2980b9"),
                               ("random", "random", "#7f8c8d")):
@@ -158,7 +163,7 @@ def plot_geometry(studies: Mapping[int, LayerStudy], out: Path) -> None:
         ax.plot(layers, means, marker="o", label=name, color=colour)
         ax.fill_between(layers, lo, hi, alpha=0.2, color=colour)
     ax.set_xlabel("layer (output of block)")
-    ax.set_ylabel("cosine to nearest toxic feature")
+    ax.set_ylabel(label)
     ax.set_xticks(layers)
     ax.legend()
     fig.tight_layout()
@@ -170,7 +175,7 @@ def plot_geometry(studies: Mapping[int, LayerStudy], out: Path) -> None:
         ax.hist([cosines["inducing"], cosines["control"], cosines["random"]], bins=20, density=True,
                 histtype="step", label=["inducing", "control", "random"], color=["#c0392b", "#2980b9", "#7f8c8d"])
         ax.set_title(f"layer {layer}")
-        ax.set_xlabel("cosine to nearest toxic feature")
+        ax.set_xlabel(label)
     axes[0][0].set_ylabel("density")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
