@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def organism() -> Organism:
-    """The default organism, pretrained once per machine (about 2.5 minutes) and cached."""
+    """The default organism, pretrained once per machine (about 4 minutes, pinned kernels) and cached."""
     return load_organism()
 
 

@@ -571,6 +571,10 @@ def test_cli_question_file_sae_folder_and_configs(tmp_path, good_sae):
     out = tmp_path / "geo"
     assert_cli_error(spillover("geometry", "--config", str(config), "--out", str(out)), out, f"{config}:9:", "'k'")
 
+    config.write_text(study("k: 10\n"))  # analysis flags on the command line would be silently ignored
+    run = spillover("geometry", "--config", str(config), "--statistic", "nearest", "--out", str(out))
+    assert_cli_error(run, out, "--statistic", f"set this in {config} instead")
+
 
 def test_cli_turns_an_os_error_into_one_line(tmp_path):
     """A path the readers do not open themselves (here a folder as --scores) still ends in one line."""

@@ -51,10 +51,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="study the embedded organism (trains its SAEs at every layer)")
     source.add_argument("--config", type=Path, help="a study YAML: model, sets and SAEs of any model")
     geometry.add_argument("--out", type=Path, required=True, help="folder for geometry.json, features and plots")
-    geometry.add_argument("--k", type=_positive_int, default=100, help="features per set (default 100)")
-    geometry.add_argument("--statistic", choices=["pairwise", "nearest"], default="pairwise",
+    geometry.add_argument("--k", type=_positive_int, help="features per set (default 100)")
+    geometry.add_argument("--statistic", choices=["pairwise", "nearest"],
                           help="per feature: mean cosine to all toxic features (default) or to the nearest one")
-    geometry.add_argument("--direction", choices=["decoder", "encoder"], default="decoder")
+    geometry.add_argument("--direction", choices=["decoder", "encoder"], help="decoder (default) or encoder")
     _add_cache(geometry)
 
     theory = verbs.add_parser("theory", help="check the spillover prediction in the toy model and in the organism")
@@ -295,19 +295,8 @@ def _run(args: argparse.Namespace) -> str:
 
         html_path, md_path = build_report(args.run_dir)
         return f"report: {html_path} and {md_path}"
-    if args.verb == "geometry" and args.config:
-        from .study import run_study_file
-
-        run_study_file(args.config, args.out, cache_dir=args.cache)
-        return f"wrote {args.out / 'geometry.json'}"
     if args.verb == "geometry":
-        from .organism.study import OrganismStudyConfig, run_organism_geometry
-        from .study import GeometryConfig
-
-        config = OrganismStudyConfig(geometry=GeometryConfig(k=args.k, statistic=args.statistic,
-                                                             direction=args.direction))
-        run_organism_geometry(args.out, config, cache_dir=args.cache)
-        return f"wrote {args.out / 'geometry.json'}"
+        return _run_geometry(args)
     if args.verb == "theory":
         from .organism.theory import run_theory
 
@@ -379,6 +368,24 @@ def _run(args: argparse.Namespace) -> str:
     report = run_em(args.out, config, cache_dir=args.cache)
     write_em_markdown(args.out, report)
     return f"wrote {args.out / 'em.json'} and {args.out / 'em.md'}"
+
+
+def _run_geometry(args: argparse.Namespace) -> str:
+    """The organism study, or any model's from a YAML; analysis flags belong to one place only."""
+    flags = {name: getattr(args, name) for name in ("k", "statistic", "direction") if getattr(args, name) is not None}
+    if args.config:
+        from .study import run_study_file
+
+        if flags:
+            raise ConfigError(f"{' '.join('--' + name for name in flags)}: with --config, set "
+                              f"{'these' if len(flags) > 1 else 'this'} in {args.config} instead")
+        run_study_file(args.config, args.out, cache_dir=args.cache)
+    else:
+        from .organism.study import OrganismStudyConfig, run_organism_geometry
+        from .study import GeometryConfig
+
+        run_organism_geometry(args.out, OrganismStudyConfig(geometry=GeometryConfig(**flags)), cache_dir=args.cache)
+    return f"wrote {args.out / 'geometry.json'}"
 
 
 def main(argv: list[str] | None = None) -> int:
