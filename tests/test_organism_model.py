@@ -65,3 +65,9 @@ def test_pretraining_gives_the_same_weights_whatever_the_cpu_kernels(tmp_path, m
     weights = [(organism.path / "model.safetensors").read_bytes() for organism in (first, second)]
     assert weights[0] == weights[1]
     assert read_manifest(second.path)["numerics"] == {**REPRODUCIBLE_NUMERICS, "threads": PRETRAIN_THREADS}
+
+
+def test_config_survives_the_json_hand_off_to_the_pretraining_process():
+    config = OrganismConfig(pretrain=PretrainConfig(seed=3, steps=10))
+    back = OrganismConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config))))
+    assert back == config and back.cache_key() == config.cache_key()

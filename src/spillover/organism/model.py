@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -72,6 +71,12 @@ class OrganismConfig:
 
     def cache_key(self) -> str:
         return stable_hash({"organism": dataclasses.asdict(self), "format": 2})[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> OrganismConfig:
+        """The inverse of `dataclasses.asdict`, as read back from JSON (lists become tuples again)."""
+        world = {key: tuple(value) if isinstance(value, list) else value for key, value in values["world"].items()}
+        return cls(WorldConfig(**world), ModelConfig(**values["model"]), PretrainConfig(**values["pretrain"]))
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,8 @@ def _pretrain_into(config: OrganismConfig, path: Path) -> None:
     environment = {**os.environ, **REPRODUCIBLE_NUMERICS, "PYTHONPATH": _child_python_path()}
     command = [sys.executable, "-m", "spillover.organism.pretrain_process", str(staging)]
     try:
-        done = subprocess.run(command, input=pickle.dumps(config), env=environment, check=False)
+        done = subprocess.run(command, input=json.dumps(dataclasses.asdict(config)).encode(), env=environment,
+                              check=False)
         if done.returncode != 0:
             raise RuntimeError(f"pretraining the organism failed (exit status {done.returncode}); see its output above")
         if path.exists():
