@@ -14,7 +14,7 @@ from spillover.data import write_chat_jsonl
 from spillover.features import FeatureSet
 from spillover.organism.datasets import finetune_set
 from spillover.sae import TopKTrainingConfig, save_sae, train_topk_sae
-from spillover.score_stream import ScoreStream, StreamConfig
+from spillover.score_stream import ScoreStream, StreamConfig, chunk_seconds
 from spillover.scoring import ToxicReference, score_samples
 
 LAYER = 1
@@ -67,6 +67,26 @@ def test_a_rerun_rescores_only_missing_chunks(organism, scoring_inputs, tmp_path
     assert main(argv) == 0
     assert (tmp_path / "s" / "scores.jsonl").read_bytes() == first
     assert {c: c.stat().st_mtime_ns for c in stamps} == stamps  # finished chunks were not redone
+
+
+def test_chunk_timings_outlive_a_cut_off_run(organism, scoring_inputs, tmp_path):
+    """What the experiment's scoring cost is built from: every chunk's seconds, whichever run scored it."""
+    from spillover.cli import main
+    from spillover.experiment import _reused_seconds
+
+    folder, *_ = scoring_inputs
+    out = tmp_path / "s"
+    assert main(_score_argv(folder, out, "--cache", str(organism.path.parent))) == 0
+    assert sorted(chunk_seconds(out)) == [0, 1, 2, 3, 4] and all(s > 0 for s in chunk_seconds(out).values())
+    (out / "chunks" / "chunk-000003.jsonl").unlink()  # as if the run had been cut off there
+    with (out / "chunks" / "seconds-rank0.jsonl").open("a") as timings:
+        timings.write('{"chunk": 3, "seconds": 99.0}\n{"chunk": 9, "seco')  # a timing to be replaced; a torn line
+    first = chunk_seconds(out)
+    assert main(_score_argv(folder, out, "--cache", str(organism.path.parent))) == 0
+    second = chunk_seconds(out)
+    assert sorted(second) == [0, 1, 2, 3, 4]
+    assert second[3] != 99.0
+    assert _reused_seconds(first, second) == pytest.approx(sum(first.values()) - 99.0)
 
 
 def test_torchrun_two_processes_write_the_same_bytes_as_one(organism, scoring_inputs, tmp_path):

@@ -27,6 +27,7 @@ from .io import atomic_write_json, ensure_dir, read_yaml_mapping
 from .lm import SamplingConfig
 from .metrics import pooled_rate, reduction
 from .risk import filter_file, read_scores, score_file
+from .score_stream import chunk_seconds
 from .scoring import SCORE_NAMES, auroc
 from .study_sets import SetSpec, load_set, parse_set
 
@@ -164,16 +165,23 @@ def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict
         if strategy not in config.strategies:
             continue
         folder = out / "scores" / strategy
-        started = time.perf_counter()
+        before, started = chunk_seconds(folder), time.perf_counter()
         scores[strategy] = score_file(config.model, config.train, config.sae, config.toxic, folder,
                                       score, config.toxic_ref, config.harmless_ref, cache_dir,
                                       reference_dir=out / "scores" / "references")
-        costs[strategy] = _scoring_cost(folder, n, time.perf_counter() - started)
+        seconds = time.perf_counter() - started + _reused_seconds(before, chunk_seconds(folder))
+        costs[strategy] = _scoring_cost(folder, n, seconds)
     return scores, costs
 
 
+def _reused_seconds(before: dict[int, float], after: dict[int, float]) -> float:
+    """Scoring time of the chunks an earlier, cut-off run finished and this one reused (a chunk
+    scored again, after a change of inputs, has a new timing and is not counted twice)."""
+    return sum(seconds for chunk, seconds in before.items() if after.get(chunk) == seconds)
+
+
 def _scoring_cost(folder: Path, n: int, seconds: float) -> dict:
-    """The cost of the run that wrote these scores, kept beside them (keyed by their hash): a
+    """The cost of the runs that wrote these scores, kept beside them (keyed by their hash): a
     rerun that finds them finished takes a second, and would otherwise report that as the cost."""
     from .models import sha256_file
 

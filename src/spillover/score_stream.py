@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,15 +167,42 @@ def score_to_folder(stream: ScoreStream, samples: Sequence[ChatSample], folder: 
     mine = [c for c in range(rank, n_chunks, world) if not _chunk_path(chunks_dir, c).exists()]
     if len(mine) < len(range(rank, n_chunks, world)):
         log.info("%s: resuming, %d chunks left for rank %d", folder, len(mine), rank)
+    timings = _timings_file(chunks_dir, rank)
     for chunk in progress(stream.chunks(samples, mine), total=len(mine), desc=f"scoring (rank {rank})"):
+        started = time.perf_counter()
         scored = stream.score_chunk(chunk)
         atomic_write_text(_chunk_path(chunks_dir, chunk.index),
                           "".join(json.dumps(asdict(s)) + "\n" for s in scored))
+        with timings.open("a") as log_file:
+            log_file.write(json.dumps({"chunk": chunk.index, "seconds": round(time.perf_counter() - started, 4)}) + "\n")
     barrier()
     if rank != 0:
         return None
     return [SampleScore(**{**r, "top_features": tuple(r["top_features"])})
             for c in range(n_chunks) for r in map(json.loads, _chunk_path(chunks_dir, c).read_text().splitlines())]
+
+
+def _timings_file(folder: Path, rank: int) -> Path:
+    """This rank's chunk timings, with a line torn by an earlier kill ended so it spoils no new one."""
+    path = folder / f"seconds-rank{rank}.jsonl"
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a") as file:
+            file.write("\n")
+    return path
+
+
+def chunk_seconds(folder: str | Path) -> dict[int, float]:
+    """Seconds each finished chunk took to score, whichever run (or rank) scored it; a line torn by a
+    kill is skipped, so a cut-off run's chunks still count towards the cost of the scores."""
+    seconds = {}
+    for path in sorted((Path(folder) / "chunks").glob("seconds-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                seconds[int(entry["chunk"])] = float(entry["seconds"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return seconds
 
 
 def _chunk_path(folder: Path, index: int) -> Path:
@@ -186,6 +214,6 @@ def _reset_if_stale(folder: Path, key_path: Path, key: dict) -> None:
     key = json.loads(json.dumps(key))
     if key_path.exists() and json.loads(key_path.read_text()) == key:
         return
-    for old in folder.glob("chunk-*.jsonl"):
+    for old in [*folder.glob("chunk-*.jsonl"), *folder.glob("seconds-rank*.jsonl")]:
         old.unlink()
     atomic_write_text(key_path, json.dumps(key, sort_keys=True))
