@@ -173,8 +173,9 @@ def score_to_folder(stream: ScoreStream, samples: Sequence[ChatSample], folder: 
         scored = stream.score_chunk(chunk)
         atomic_write_text(_chunk_path(chunks_dir, chunk.index),
                           "".join(json.dumps(asdict(s)) + "\n" for s in scored))
-        with timings.open("a") as log_file:
-            log_file.write(json.dumps({"chunk": chunk.index, "seconds": round(time.perf_counter() - started, 4)}) + "\n")
+        seconds = round(time.perf_counter() - started, 4)
+        with timings.open("a") as timing_lines:
+            timing_lines.write(json.dumps({"chunk": chunk.index, "seconds": seconds}) + "\n")
     barrier()
     if rank != 0:
         return None

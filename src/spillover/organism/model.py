@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from .. import __version__
 from ..data import collate_for_lm, encode_chats
-from ..errors import ConfigError
+from ..errors import ConfigError, SpilloverError
 from ..io import atomic_write_json, stable_hash
 from ..progress import progress
 from .tokenizer import build_tokenizer
@@ -190,7 +190,7 @@ def _pretrain_into(config: OrganismConfig, path: Path) -> None:
         done = subprocess.run(command, input=json.dumps(dataclasses.asdict(config)).encode(), env=environment,
                               check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"pretraining the organism failed (exit status {done.returncode}); see its output above")
+            raise SpilloverError(f"pretraining the organism failed (exit status {done.returncode}); its error is above")
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)
