@@ -190,7 +190,8 @@ def _pretrain_into(config: OrganismConfig, path: Path) -> None:
         done = subprocess.run(command, input=json.dumps(dataclasses.asdict(config)).encode(), env=environment,
                               check=False)
         if done.returncode != 0:
-            raise SpilloverError(f"pretraining the organism failed (exit status {done.returncode}); its error is above")
+            raise SpilloverError(f"pretraining the organism failed (exit status {done.returncode}); "
+                                 "its error is above")
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)
