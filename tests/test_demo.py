@@ -39,6 +39,17 @@ def test_demo_writes_every_stage_and_a_summary(demo_run):
     assert report.name == "report.html" and (out / "report.md").exists()
 
 
+def test_demo_geometry_puts_inducing_features_nearer_the_toxic_ones(demo_run):
+    """The paper's claim on the demo's small study, at layers 1 and 2: there p <= 0.002 for 5 of 5
+    study seeds measured; at layer 0 this small study reaches p < 0.01 for only 3 of 5."""
+    out, _ = demo_run
+    layers = json.loads((out / "geometry" / "geometry.json").read_text())["layers"]
+    for layer in ("1", "2"):
+        assert layers[layer]["statistic"] == "pairwise"
+        assert layers[layer]["cos_inducing_toxic"] > layers[layer]["cos_control_toxic"]
+        assert layers[layer]["p_value"] < 0.01
+
+
 def test_report_embeds_every_figure_as_a_valid_png(demo_run):
     _, report = demo_run
     page = report.read_text()
