@@ -211,7 +211,8 @@ def test_organism_spillover_follows_cosine_where_fine_tuning_acts(demo_run, orga
     """`spillover theory`'s organism check on the demo's study: every feature's measured change on
     held-out prompts of other domains follows the prediction sum_t alpha_t cos(d_j, d_t)."""
     from spillover.organism.study import organism_saes
-    from spillover.organism.theory import OrganismTheoryConfig, headline_layer, run_organism_spillover
+    from spillover.organism.theory import (OrganismTheoryConfig, headline_layer, run_organism_spillover,
+                                           theory_checks)
 
     out, _ = demo_run
     study = OrganismStudyConfig(n_per_set=160, sae_conversations=300,
@@ -224,3 +225,6 @@ def test_organism_spillover_follows_cosine_where_fine_tuning_acts(demo_run, orga
     assert chosen["readout"]["mean_target_gain"] == max(layer["readout"]["mean_target_gain"] for layer in layers)
     assert headline["spearman"] > 0.5, layers  # 0.735 at layer 2 when written
     assert all(layer["readout"]["split_half_spearman"] > 0 for layer in layers)
+    checks = theory_checks(0.95, layers)
+    assert checks["toy_pearson_at_least_0.9"] and checks["organism_readout_spearman_at_least_0.5"]
+    assert not theory_checks(0.85, layers)["toy_pearson_at_least_0.9"]

@@ -126,6 +126,17 @@ def headline_layer(layers: list[dict]) -> dict:
             "spearman": best["readout"]["spearman"], "pearson": best["readout"]["pearson"]}
 
 
+def theory_checks(toy_pearson: float, layers: list[dict]) -> dict[str, bool]:
+    """Issue 3's thresholds, read at the headline layer both ways: the feature's read-out along its
+    direction (the theory's own variable) and its SAE activation after TopK (what the issue names)."""
+    chosen = next(layer for layer in layers if layer["layer"] == headline_layer(layers)["layer"])
+    return {
+        "toy_pearson_at_least_0.9": toy_pearson >= 0.9,
+        "organism_readout_spearman_at_least_0.5": chosen["readout"]["spearman"] >= 0.5,
+        "organism_activation_spearman_at_least_0.5": chosen["activation"]["spearman"] >= 0.5,
+    }
+
+
 def plot_organism_spillover(layers: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -160,6 +171,7 @@ def run_theory(out_dir: str | Path, cache_dir: str | Path | None = None) -> dict
                 "n_points": toy.n_points},
         "organism": [{k: v for k, v in layer.items() if k != "points"} for layer in layers],
         "organism_headline": headline_layer(layers),
+        "checks": theory_checks(toy.pearson, layers),
         "config": {"toy": dataclasses.asdict(ToyModelConfig()), "organism": dataclasses.asdict(OrganismTheoryConfig())},
     }
     atomic_write_json(out / "theory.json", report)
