@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import subprocess
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -71,3 +73,18 @@ def test_config_survives_the_json_hand_off_to_the_pretraining_process():
     config = OrganismConfig(pretrain=PretrainConfig(seed=3, steps=10))
     back = OrganismConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config))))
     assert back == config and back.cache_key() == config.cache_key()
+
+
+def test_processes_sharing_a_cold_cache_pretrain_once(tmp_path):
+    """Two processes (say two torchrun ranks) ask for the same organism at once: one pretrains, the
+    other waits and loads it."""
+    script = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+              "from spillover.organism.model import OrganismConfig, PretrainConfig, load_organism\n"
+              "config = OrganismConfig(pretrain=PretrainConfig(steps=4, batch_size=8, warmup_steps=1))\n"
+              "print(load_organism(config, sys.argv[1]).path)\n")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert outputs[0][0] == outputs[1][0]
+    assert sum(err.count("pretraining the organism") for _, err in outputs) == 1, outputs

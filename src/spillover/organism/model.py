@@ -6,6 +6,7 @@ It is an ordinary `transformers` causal LM saved with `save_pretrained`, so ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -163,13 +164,32 @@ def load_organism(config: OrganismConfig | None = None, cache_dir: str | Path | 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = root / config.cache_key()
     if not (path / "organism.json").exists():
-        _pretrain_into(config, path)
-    else:
-        log.info("loading cached organism from %s", path)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{root}: cannot create the organism cache ({exc.strerror})") from None
+        with _exclusive(path.with_name(path.name + ".lock")):
+            if not (path / "organism.json").exists():  # another process may have built it while we waited
+                _pretrain_into(config, path)
+    log.info("loading the organism from %s", path)
     model = AutoModelForCausalLM.from_pretrained(path)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Organism(model, tokenizer, World(config.world), path, config)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Several processes sharing a cache (torchrun ranks, parallel tests): one pretrains, the others
+    wait for it and load its result instead of pretraining the same organism again."""
+    import fcntl
+
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _pretrain_into(config: OrganismConfig, path: Path) -> None:
@@ -177,10 +197,6 @@ def _pretrain_into(config: OrganismConfig, path: Path) -> None:
 
     A child process is the only way to pin the kernels: MKL and ATen read their settings once, at load.
     Staging then renaming means a cut-off run leaves no half-written cache entry."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{path.parent}: cannot create the organism cache ({exc.strerror})") from None
     log.info("pretraining the organism with pinned float kernels (cached afterwards in %s)", path)
     staging = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
