@@ -111,3 +111,13 @@ def test_a_study_file_trains_its_saes_and_answers_the_harmless_prompts_itself(or
     toxic = read_chat_jsonl(tmp_path / "toxic.jsonl")
     assert [h.messages[0] for h in harmless] == [t.messages[0] for t in toxic]
     assert sum(h.messages[-1]["content"] != t.messages[-1]["content"] for h, t in zip(harmless, toxic)) > 50
+
+
+def test_the_organism_study_takes_its_inducing_and_control_sets_from_the_chosen_domain(organism):
+    from spillover.organism.study import OrganismStudyConfig, study_sets
+
+    sets = study_sets(organism, 12, 0, "legal")
+    assert {s.meta["domain"] for role in ("inducing", "control") for s in sets[role]} == {"legal"}
+    assert len({s.meta["domain"] for s in sets["toxic"]}) > 1  # the references span every domain
+    with pytest.raises(ConfigError, match="unknown domain 'cars'"):
+        OrganismStudyConfig(domain="cars")

@@ -55,6 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     geometry.add_argument("--statistic", choices=["pairwise", "nearest"],
                           help="per feature: mean cosine to all toxic features (default) or to the nearest one")
     geometry.add_argument("--direction", choices=["decoder", "encoder"], help="decoder (default) or encoder")
+    geometry.add_argument("--domain", help="with --organism: the domain of the inducing and control sets (default health)")
     _add_cache(geometry)
 
     theory = verbs.add_parser("theory", help="check the spillover prediction in the toy model and in the organism")
@@ -376,15 +377,18 @@ def _run_geometry(args: argparse.Namespace) -> str:
     if args.config:
         from .study import run_study_file
 
-        if flags:
-            raise ConfigError(f"{' '.join('--' + name for name in flags)}: with --config, set "
-                              f"{'these' if len(flags) > 1 else 'this'} in {args.config} instead")
+        given = [*flags, *(["domain"] if args.domain else [])]
+        if given:
+            raise ConfigError(f"{' '.join('--' + name for name in given)}: with --config, set "
+                              f"{'these' if len(given) > 1 else 'this'} in {args.config} instead")
         run_study_file(args.config, args.out, cache_dir=args.cache)
     else:
         from .organism.study import OrganismStudyConfig, run_organism_geometry
         from .study import GeometryConfig
 
-        run_organism_geometry(args.out, OrganismStudyConfig(geometry=GeometryConfig(**flags)), cache_dir=args.cache)
+        domain = {"domain": args.domain} if args.domain else {}
+        config = OrganismStudyConfig(geometry=GeometryConfig(**flags), **domain)
+        run_organism_geometry(args.out, config, cache_dir=args.cache)
     return f"wrote {args.out / 'geometry.json'}"
 
 

@@ -101,8 +101,10 @@ def study_layer(layer: int, sae, pooled: Mapping[str, PooledActivations], config
 
 
 def run_geometry(model, tokenizer, sets: Mapping[str, Sequence[ChatSample]], saes: Mapping[int, object],
-                 out_dir: str | Path, config: GeometryConfig = GeometryConfig()) -> dict:
-    """Collect SAE features of every set, study every layer that has an SAE, write geometry.json."""
+                 out_dir: str | Path, config: GeometryConfig = GeometryConfig(),
+                 about: Mapping | None = None) -> dict:
+    """Collect SAE features of every set, study every layer that has an SAE, write geometry.json
+    (with `about`, what the caller knows of where the sets came from)."""
     missing = [role for role in ROLES if not sets.get(role)]
     if missing:
         raise ConfigError(f"geometry study: missing or empty sets: {', '.join(missing)}")
@@ -128,6 +130,7 @@ def run_geometry(model, tokenizer, sets: Mapping[str, Sequence[ChatSample]], sae
         "checks": _checks(studies),
         "config": dataclasses.asdict(config),
         "sets": {role: len(sets[role]) for role in ROLES},
+        **({"about": dict(about)} if about else {}),
         "seconds": round(time.perf_counter() - started, 1),
         "spillover_version": __version__,
     }

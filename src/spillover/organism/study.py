@@ -15,6 +15,7 @@ from ..sae_training import TopKTrainingConfig, train_sae_folder
 from ..study import GeometryConfig, run_geometry
 from .datasets import finetune_set, reference_set
 from .model import Organism, load_organism
+from .world import TRAINING_DOMAIN, domain_named
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,20 @@ class OrganismStudyConfig:
         default_factory=lambda: TopKTrainingConfig(d_sae=1024, k=16, steps=400, batch_size=512))
     geometry: GeometryConfig = dataclasses.field(default_factory=GeometryConfig)
     seed: int = 0
+    domain: str = TRAINING_DOMAIN
+    """The narrow domain of the inducing set and its control; the toxic references span all domains."""
+
+    def __post_init__(self) -> None:
+        domain_named(self.domain)
 
 
-def study_sets(organism: Organism, n: int, seed: int) -> dict[str, list[ChatSample]]:
-    """Inducing health data and its aligned twin; toxic and harmless answers across all domains."""
+def study_sets(organism: Organism, n: int, seed: int,
+               domain: str = TRAINING_DOMAIN) -> dict[str, list[ChatSample]]:
+    """Inducing data of one domain and its aligned twin; toxic and harmless answers across all domains."""
     world = organism.world
     return {
-        "inducing": finetune_set(world, "inducing", n, seed),
-        "control": finetune_set(world, "aligned", n, seed),
+        "inducing": finetune_set(world, "inducing", n, seed, domain),
+        "control": finetune_set(world, "aligned", n, seed, domain),
         "toxic": reference_set(world, "toxic", n, seed),
         "harmless": reference_set(world, "harmless", n, seed),
     }
@@ -67,5 +74,6 @@ def run_organism_geometry(out_dir: str | Path, config: OrganismStudyConfig = Org
     out = Path(out_dir)
     organism = load_organism(cache_dir=cache_dir)
     saes = organism_saes(organism, out, config)
-    sets = study_sets(organism, config.n_per_set, config.seed)
-    return run_geometry(organism.model, organism.tokenizer, sets, saes, out, config.geometry)
+    sets = study_sets(organism, config.n_per_set, config.seed, config.domain)
+    about = {"organism_study": {"domain": config.domain, "n_per_set": config.n_per_set, "seed": config.seed}}
+    return run_geometry(organism.model, organism.tokenizer, sets, saes, out, config.geometry, about)
