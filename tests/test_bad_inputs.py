@@ -574,6 +574,8 @@ def test_cli_question_file_sae_folder_and_configs(tmp_path, good_sae):
     config.write_text(study("k: 10\n"))  # analysis flags on the command line would be silently ignored
     run = spillover("geometry", "--config", str(config), "--statistic", "nearest", "--out", str(out))
     assert_cli_error(run, out, "--statistic", f"set this in {config} instead")
+    run = spillover("geometry", "--config", str(config), "--domain", "legal", "--out", str(out))
+    assert_cli_error(run, out, "--domain: only with --organism", str(config))
     run = spillover("geometry", "--organism", "--domain", "cars", "--out", str(out))
     assert_cli_error(run, out, "unknown domain 'cars'", "career")
 

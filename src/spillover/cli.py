@@ -377,10 +377,11 @@ def _run_geometry(args: argparse.Namespace) -> str:
     if args.config:
         from .study import run_study_file
 
-        given = [*flags, *(["domain"] if args.domain else [])]
-        if given:
-            raise ConfigError(f"{' '.join('--' + name for name in given)}: with --config, set "
-                              f"{'these' if len(given) > 1 else 'this'} in {args.config} instead")
+        if args.domain:
+            raise ConfigError(f"--domain: only with --organism; {args.config} names its own sets")
+        if flags:
+            raise ConfigError(f"{' '.join('--' + name for name in flags)}: with --config, set "
+                              f"{'these' if len(flags) > 1 else 'this'} in {args.config} instead")
         run_study_file(args.config, args.out, cache_dir=args.cache)
     else:
         from .organism.study import OrganismStudyConfig, run_organism_geometry
