@@ -186,9 +186,11 @@ def score_to_folder(stream: ScoreStream, samples: Sequence[ChatSample], folder: 
 def _timings_file(folder: Path, rank: int) -> Path:
     """This rank's chunk timings, with a line torn by an earlier kill ended so it spoils no new one."""
     path = folder / f"seconds-rank{rank}.jsonl"
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        with path.open("a") as file:
-            file.write("\n")
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as file:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                file.write(b"\n")
     return path
 
 
