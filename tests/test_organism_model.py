@@ -58,11 +58,13 @@ def test_sampling_is_seeded(organism):
 
 
 def test_pretraining_gives_the_same_weights_whatever_the_cpu_kernels(tmp_path, monkeypatch):
-    """The pinned numerics make pretraining independent of the vector unit MKL would pick and of thread settings."""
+    """The pinned numerics make pretraining independent of the vector units MKL and ATen would pick
+    and of thread settings."""
     config = OrganismConfig(pretrain=PretrainConfig(steps=8, batch_size=16, warmup_steps=2))
     first = load_organism(config, tmp_path / "default")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # a user's own setting is overridden too
     second = load_organism(config, tmp_path / "capped")
     weights = [(organism.path / "model.safetensors").read_bytes() for organism in (first, second)]
     assert weights[0] == weights[1]
