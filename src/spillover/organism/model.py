@@ -35,7 +35,7 @@ REPRODUCIBLE_NUMERICS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"
 """Float kernels pinned for pretraining. Pretraining is chaotic: the same seed on AVX-512 and on AVX2
 kernels gives organisms whose EM strength differs fourfold (measured, docs/organism.md). MKL's
 conditional-numerical-reproducibility mode COMPATIBLE gives the same matmuls on every x86 CPU, and
-ATEN_CPU_CAPABILITY fixes torch's own vector kernels; together they cost about 2x pretraining time."""
+ATEN_CPU_CAPABILITY fixes torch's own vector kernels; together they cost 2.2x pretraining time."""
 PRETRAIN_THREADS = 2
 """Reductions split across threads, so the thread count is part of the numerics too."""
 
