@@ -98,3 +98,33 @@ def test_config_rejects_bad_values():
 def test_plot_writes_png(tmp_path, superposed):
     path = plot_spillover(superposed.predicted, superposed.measured, tmp_path / "fig" / "spill.png", "toy")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readout_where_active_reads_a_known_shift_only_where_features_fire(organism):
+    """Shift layer 1's residual by a fixed vector v: every feature that fires reads d_j . v,
+    and a feature that never fires on the samples reads NaN, not a zero that would rank."""
+    import copy
+
+    from spillover.lm import decoder_blocks
+    from spillover.organism.datasets import finetune_set
+    from spillover.organism.theory import readout_where_active
+    from spillover.sae import SaeConfig, SparseAutoencoder
+
+    torch.manual_seed(0)
+    d = organism.model.config.hidden_size
+    sae = SparseAutoencoder(SaeConfig(d_in=d, d_sae=32, architecture="topk", k=2))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+        sae.b_enc[0] = -1e6  # feature 0 can never fire
+    shift = torch.randn(d)
+    shifted = copy.deepcopy(organism.model)
+    decoder_blocks(shifted)[1].register_forward_hook(
+        lambda _m, _i, out: (out[0] + shift, *out[1:]) if isinstance(out, tuple) else out + shift)
+    samples = finetune_set(organism.world, "inducing", 8, seed=0)
+    read = readout_where_active(organism, shifted, 1, sae, samples)
+    expected = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ shift
+    assert math.isnan(read[0])
+    fired = read.isfinite()
+    assert fired.sum() > 10
+    assert torch.allclose(read[fired], expected[fired], atol=1e-4)

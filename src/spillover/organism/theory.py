@@ -8,6 +8,10 @@ what it really did. A feature's change is read three ways, from most to least li
   (the feature's value in the superposition picture of the theory);
 - `preactivation`: the change of the SAE encoder's pre-activation (before TopK);
 - `activation`: the change of the SAE activation itself, after TopK's competition between latents.
+
+A fourth, diagnostic reading separates where a feature is measured from how: `readout_where_active`
+is the read-out change averaged over only the tokens where the SAE says the feature fires, which is
+all an SAE activation can see of the shift.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..activations import CollectConfig, collect
+from ..activations import CollectConfig, collect, collect_tokens
 from ..data import ChatSample
 from ..features import FeatureSet
 from ..finetune import FinetuneConfig, finetune, preset
@@ -71,6 +75,17 @@ def feature_changes(organism: Organism, tuned, layer: int, sae, samples: list[Ch
     }
 
 
+def readout_where_active(organism: Organism, tuned, layer: int, sae, samples: list[ChatSample]) -> torch.Tensor:
+    """Each feature's read-out change averaged over the tokens of `samples` where it fires before
+    fine-tuning (NaN where it never fires): the linear reading, sampled where the activation is."""
+    before = collect_tokens(organism.model, organism.tokenizer, samples, layer, tokens="assistant")
+    after = collect_tokens(tuned, organism.tokenizer, samples, layer, tokens="assistant")
+    with torch.no_grad():
+        active = (sae.encode(before) > 0).float()
+    change = (after - before) @ unit_rows(sae.W_dec.detach().float()).T
+    return (change * active).sum(0) / active.sum(0)
+
+
 def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureSet, train: list[ChatSample],
                   held: list[ChatSample]) -> dict:
     """Predicted against measured spillover at one layer, over the features outside the inducing set.
@@ -99,6 +114,11 @@ def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureS
         if name == "readout":  # the plot's points
             result["points"] = {"predicted": [round(float(x), 6) for x in predicted],
                                 "readout": [round(float(x), 6) for x in measured]}
+    readout_prediction = cosines @ on_train["readout"][targets]
+    where_active = readout_where_active(organism, tuned, layer, sae, held)
+    seen = others & where_active.isfinite()
+    result["readout_where_active"] = {"spearman": spearman(readout_prediction[seen].numpy(), where_active[seen].numpy()),
+                                      "n_features": int(seen.sum())}
     return result
 
 
