@@ -117,3 +117,21 @@ def test_streaming_collection_holds_nothing_and_reads_back(organism, samples, tm
     assert streamed.tensors == {}
     back = load_pooled(tmp_path)
     assert back.ids == kept.ids and torch.equal(back.resid_mean(0), kept.resid_mean(0))
+
+
+def test_shard_timings_survive_a_resumed_collection(organism, samples, tmp_path):
+    """The cost of a collection outlives the run that paid it: a rerun keeps the finished shards'
+    seconds, times only what it collects again, and other inputs start the timings afresh."""
+    from spillover.activations import shard_seconds
+
+    config = CollectConfig(layers=(0,), shard_size=16)
+    assert shard_seconds(tmp_path) == {}
+    collect(organism.model, organism.tokenizer, samples, config, out_dir=tmp_path)
+    first = shard_seconds(tmp_path)
+    assert sorted(first) == [0, 1, 2] and all(s > 0 for s in first.values())
+    (tmp_path / "shard-00001.safetensors").unlink()  # as if cut off before this shard was written
+    collect(organism.model, organism.tokenizer, samples, config, out_dir=tmp_path)
+    second = shard_seconds(tmp_path)
+    assert second[0] == first[0] and second[2] == first[2] and second[1] != first[1]
+    collect(organism.model, organism.tokenizer, samples[:16], config, out_dir=tmp_path)
+    assert sorted(shard_seconds(tmp_path)) == [0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
@@ -187,9 +188,10 @@ def collect(model, tokenizer, samples: Sequence[ChatSample], config: CollectConf
     for index, shard in enumerate(progress(shards, desc="collecting activations")):
         cached = store.load(index) if store else None
         if cached is None:
+            started = time.perf_counter()
             cached = _collect_shard(model, tokenizer, shard, config, saes)
             if store:
-                store.save(index, cached, len(shards))
+                store.save(index, cached, len(shards), time.perf_counter() - started)
         if keep:
             results.append(cached)
     ids = tuple(s.id for s in samples)
@@ -248,6 +250,7 @@ class _ShardStore:
         manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
         same_inputs = manifest is not None and manifest.get("key") == self.key
         self.done: set[int] = set(manifest["shards_done"]) if same_inputs else set()
+        self.seconds: dict[str, float] = manifest.get("shard_seconds", {}) if same_inputs else {}
         if manifest is not None and not same_inputs:
             log.info("%s holds activations of other inputs; collecting afresh", folder)
 
@@ -255,13 +258,24 @@ class _ShardStore:
         path = self.folder / f"shard-{index:05d}.safetensors"
         return _read_shard(path) if index in self.done and path.exists() else None
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], total: int) -> None:
+    def save(self, index: int, tensors: dict[str, torch.Tensor], total: int, seconds: float) -> None:
         """The shard first, then the manifest that lists it: a kill or a full disk in between
         leaves a shard the manifest does not list, which a rerun simply collects again."""
         atomic_save_tensors(self.folder / f"shard-{index:05d}.safetensors", tensors)
         self.done.add(index)
+        self.seconds[str(index)] = round(seconds, 6)
         atomic_write_json(self.manifest_path, {"key": self.key, "shards_done": sorted(self.done),
-                                               "shards_total": total, "spillover_version": __version__})
+                                               "shards_total": total, "shard_seconds": self.seconds,
+                                               "spillover_version": __version__})
+
+
+def shard_seconds(folder: str | Path) -> dict[int, float]:
+    """Seconds each finished shard in `folder` took to collect, whichever run collected it (empty
+    where nothing was collected), so the cost of a resumed or shared collection can be told."""
+    path = Path(folder) / "activations.json"
+    if not path.exists():
+        return {}
+    return {int(i): float(s) for i, s in json.loads(path.read_text()).get("shard_seconds", {}).items()}
 
 
 def _fingerprint(tensor: torch.Tensor) -> str:

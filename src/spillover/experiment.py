@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .activations import shard_seconds
 from .data import read_chat_jsonl, write_chat_jsonl
 from .dedup import first_user_prompt
 from .errors import ConfigError
@@ -164,20 +165,29 @@ def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict
     for strategy, score in (("geometry", config.score), ("projection", "projection")):
         if strategy not in config.strategies:
             continue
-        folder = out / "scores" / strategy
-        before, started = chunk_seconds(folder), time.perf_counter()
+        folder, references = out / "scores" / strategy, out / "scores" / "references"
+        before, started = _timings(folder, references), time.perf_counter()
         scores[strategy] = score_file(config.model, config.train, config.sae, config.toxic, folder,
                                       score, config.toxic_ref, config.harmless_ref, cache_dir,
-                                      reference_dir=out / "scores" / "references")
-        seconds = time.perf_counter() - started + _reused_seconds(before, chunk_seconds(folder))
+                                      reference_dir=references)
+        seconds = time.perf_counter() - started + _reused_seconds(before, _timings(folder, references))
         costs[strategy] = _scoring_cost(folder, n, seconds)
     return scores, costs
 
 
-def _reused_seconds(before: dict[int, float], after: dict[int, float]) -> float:
-    """Scoring time of the chunks an earlier, cut-off run finished and this one reused (a chunk
-    scored again, after a change of inputs, has a new timing and is not counted twice)."""
-    return sum(seconds for chunk, seconds in before.items() if after.get(chunk) == seconds)
+def _timings(folder: Path, references: Path) -> dict[tuple[str, int], float]:
+    """Seconds of every finished piece of a score: its chunks, and the shards of the reference
+    activations it reads (collected by this score, an earlier cut-off run, or the other strategy)."""
+    pieces = {("chunk", i): s for i, s in chunk_seconds(folder).items()}
+    for name in ("toxic_ref", "harmless_ref"):
+        pieces |= {(name, i): s for i, s in shard_seconds(references / name).items()}
+    return pieces
+
+
+def _reused_seconds(before: dict, after: dict) -> float:
+    """Time of the pieces an earlier run finished and this one reused (a piece computed again,
+    after a change of inputs, has a new timing and is not counted twice)."""
+    return sum(seconds for piece, seconds in before.items() if after.get(piece) == seconds)
 
 
 def _scoring_cost(folder: Path, n: int, seconds: float) -> dict:
