@@ -108,6 +108,7 @@ def test_torchrun_two_processes_write_the_same_bytes_as_one(organism, scoring_in
 def test_a_score_costs_its_reference_activations_too(tmp_path):
     """The experiment's scoring cost counts the reference shards a score read, whichever run or
     strategy collected them; a shard collected again is counted once, at its new time."""
+    from spillover.activations import SHARD_SECONDS
     from spillover.experiment import _reused_seconds, _timings
 
     scores, references = tmp_path / "scores", tmp_path / "references"
@@ -115,8 +116,8 @@ def test_a_score_costs_its_reference_activations_too(tmp_path):
     (scores / "chunks" / "seconds-rank0.jsonl").write_text('{"chunk": 0, "seconds": 1.0}\n')
     for name, seconds in (("toxic_ref", 2.0), ("harmless_ref", 3.0)):
         (references / name).mkdir(parents=True)
-        (references / name / "activations.json").write_text(json.dumps({"shard_seconds": {"0": seconds}}))
+        (references / name / SHARD_SECONDS).write_text(json.dumps({"0": seconds}))
     before = _timings(scores, references)
     assert before == {("chunk", 0): 1.0, ("toxic_ref", 0): 2.0, ("harmless_ref", 0): 3.0}
-    (references / "toxic_ref" / "activations.json").write_text(json.dumps({"shard_seconds": {"0": 2.5}}))
+    (references / "toxic_ref" / SHARD_SECONDS).write_text(json.dumps({"0": 2.5}))
     assert _reused_seconds(before, _timings(scores, references)) == 4.0

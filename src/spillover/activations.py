@@ -239,6 +239,10 @@ def _manifest_key(model, samples: Sequence[ChatSample], config: CollectConfig, s
     }
 
 
+SHARD_SECONDS = "shard-seconds.json"
+"""Collection time of each shard: what the shards cost, not part of the result."""
+
+
 class _ShardStore:
     """Shards as safetensors files plus a manifest; a manifest from other inputs starts afresh."""
 
@@ -250,7 +254,9 @@ class _ShardStore:
         manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
         same_inputs = manifest is not None and manifest.get("key") == self.key
         self.done: set[int] = set(manifest["shards_done"]) if same_inputs else set()
-        self.seconds: dict[str, float] = manifest.get("shard_seconds", {}) if same_inputs else {}
+        self.seconds_path = folder / SHARD_SECONDS
+        self.seconds: dict[str, float] = (json.loads(self.seconds_path.read_text())
+                                          if same_inputs and self.seconds_path.exists() else {})
         if manifest is not None and not same_inputs:
             log.info("%s holds activations of other inputs; collecting afresh", folder)
 
@@ -262,20 +268,18 @@ class _ShardStore:
         """The shard first, then the manifest that lists it: a kill or a full disk in between
         leaves a shard the manifest does not list, which a rerun simply collects again."""
         atomic_save_tensors(self.folder / f"shard-{index:05d}.safetensors", tensors)
-        self.done.add(index)
         self.seconds[str(index)] = round(seconds, 6)
+        atomic_write_json(self.seconds_path, self.seconds)  # beside the manifest: a cut-off run's result stays byte-identical
+        self.done.add(index)
         atomic_write_json(self.manifest_path, {"key": self.key, "shards_done": sorted(self.done),
-                                               "shards_total": total, "shard_seconds": self.seconds,
-                                               "spillover_version": __version__})
+                                               "shards_total": total, "spillover_version": __version__})
 
 
 def shard_seconds(folder: str | Path) -> dict[int, float]:
-    """Seconds each finished shard in `folder` took to collect, whichever run collected it (empty
-    where nothing was collected), so the cost of a resumed or shared collection can be told."""
-    path = Path(folder) / "activations.json"
-    if not path.exists():
-        return {}
-    return {int(i): float(s) for i, s in json.loads(path.read_text()).get("shard_seconds", {}).items()}
+    """Seconds each shard in `folder` took to collect, whichever run collected it (empty where
+    nothing was collected), so the cost of a resumed or shared collection can be told."""
+    path = Path(folder) / SHARD_SECONDS
+    return {int(i): float(s) for i, s in json.loads(path.read_text()).items()} if path.exists() else {}
 
 
 def _fingerprint(tensor: torch.Tensor) -> str:
