@@ -265,11 +265,13 @@ class _ShardStore:
         return _read_shard(path) if index in self.done and path.exists() else None
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], total: int, seconds: float) -> None:
-        """The shard first, then the manifest that lists it: a kill or a full disk in between
-        leaves a shard the manifest does not list, which a rerun simply collects again."""
+        """The shard and its timing first, then the manifest that lists it: a kill or a full disk
+        in between leaves a shard the manifest does not list, which a rerun simply collects again
+        (and times anew). Timings stay out of the manifest, so a resumed collection's result is
+        byte for byte an uninterrupted one's."""
         atomic_save_tensors(self.folder / f"shard-{index:05d}.safetensors", tensors)
         self.seconds[str(index)] = round(seconds, 6)
-        atomic_write_json(self.seconds_path, self.seconds)  # beside the manifest: a cut-off run's result stays byte-identical
+        atomic_write_json(self.seconds_path, self.seconds)
         self.done.add(index)
         atomic_write_json(self.manifest_path, {"key": self.key, "shards_done": sorted(self.done),
                                                "shards_total": total, "spillover_version": __version__})

@@ -75,7 +75,8 @@ def feature_changes(organism: Organism, tuned, layer: int, sae, samples: list[Ch
     }
 
 
-def readout_where_active(organism: Organism, tuned, layer: int, sae, samples: list[ChatSample]) -> torch.Tensor:
+def readout_where_active(organism: Organism, tuned, layer: int, sae,
+                         samples: list[ChatSample]) -> torch.Tensor:
     """Each feature's read-out change averaged over the tokens of `samples` where it fires before
     fine-tuning (NaN where it never fires): the linear reading, sampled where the activation is."""
     before = collect_tokens(organism.model, organism.tokenizer, samples, layer, tokens="assistant")
@@ -117,8 +118,9 @@ def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureS
     readout_prediction = cosines @ on_train["readout"][targets]
     where_active = readout_where_active(organism, tuned, layer, sae, held)
     seen = others & where_active.isfinite()
-    result["readout_where_active"] = {"spearman": spearman(readout_prediction[seen].numpy(), where_active[seen].numpy()),
-                                      "n_features": int(seen.sum())}
+    result["readout_where_active"] = {
+        "spearman": spearman(readout_prediction[seen].numpy(), where_active[seen].numpy()),
+        "n_features": int(seen.sum())}
     return result
 
 
