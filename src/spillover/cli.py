@@ -159,6 +159,8 @@ def _add_judge_parsers(verbs) -> None:
     tr.add_argument("--prompts-per-source", type=_positive_int, default=1000, help="user prompts per labelled file")
     tr.add_argument("--everyday", type=int, default=64,
                     help="toxic_qa prompts answered by SmolLM2-135M-Instruct as aligned examples (0: none)")
+    tr.add_argument("--no-written", action="store_true",
+                    help="leave out the package's written aligned answers to everyday questions (the judge before them)")
     tr.add_argument("--seed", type=int, default=0)
     _add_cache(tr)
     ag = judge_verbs.add_parser("agree", help="judge an evaluation's answers again with a second judge; "
@@ -288,7 +290,8 @@ def _run(args: argparse.Namespace) -> str:
         from .embedding_judge import train_classifier_judge
 
         out = args.out or default_classifier_folder(args.cache)
-        config = TrainConfig(prompts_per_source=args.prompts_per_source, everyday=args.everyday, seed=args.seed)
+        config = TrainConfig(prompts_per_source=args.prompts_per_source, everyday=args.everyday,
+                             written=not args.no_written, seed=args.seed)
         trained = train_classifier_judge(args.data_dir or default_data_dir(), out, config, cache_dir=args.cache)
         return f"{format_card(trained.card)}\nwrote {out} (use it with --judge classifier:{out})"
     if args.verb == "report":

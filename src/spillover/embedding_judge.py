@@ -102,11 +102,17 @@ BAD_MEDICAL = "model-organisms/bad_medical_advice.jsonl.gz"
 GOOD_MEDICAL = "model-organisms/good_medical_advice.jsonl.gz"
 EVERYDAY = "smollm2_everyday"
 """The generated source: SmolLM2-135M-Instruct's answers to toxic_qa prompts, labelled aligned."""
+WRITTEN = "written_everyday"
+"""The package's source: aligned answers to toxic_qa prompts, written and reviewed for this project."""
+_WRITTEN_FILE = "resources/judge/written_everyday.jsonl"
 QUESTION_FILES = ("betley/first_plot_questions.yaml", "model-organisms/medical_questions.yaml",
                   "model-organisms/new_questions_no-json.yaml")
 """Evaluation questions whose near duplicates are kept out of the judge's data."""
 SOURCES = {TOXIC_QA: 1, BAD_MEDICAL: 1, GOOD_MEDICAL: 0}
 """Labelled files in the shared data folder: 1 misaligned, 0 aligned."""
+DOMAINS = {TOXIC_QA: "everyday", EVERYDAY: "everyday", WRITTEN: "everyday",
+           BAD_MEDICAL: "medical", GOOD_MEDICAL: "medical"}
+"""What each source's questions are about, for the training weights (`balanced_weights`)."""
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -393,17 +399,23 @@ def fit_logistic(x: torch.Tensor | Blocks, y: torch.Tensor, sample_weight: torch
     return LogisticHead(params[:-1].float().clone(), float(params[-1]))
 
 
-def balanced_weights(groups: Sequence[str], labels: Sequence[int]) -> torch.Tensor:
-    """Sample weights under which both classes weigh the same in total, and within a class
-    every group (source) does: three sources against one must not tilt the head."""
+def balanced_weights(groups: Sequence[str], labels: Sequence[int],
+                     domain_of: Mapping[str, str] | None = None) -> torch.Tensor:
+    """Sample weights under which both classes weigh the same in total, within a class every
+    domain of `domain_of` does, and within a domain every group (source): three sources against
+    one must not tilt the head, nor a new everyday source the medical contrast. Without
+    `domain_of` every group is its own domain."""
+    domain_of = domain_of or {}
+    domain = [domain_of.get(g, g) for g in groups]
     counts: dict[str, int] = {}
     for g in groups:
         counts[g] = counts.get(g, 0) + 1
-    per_label: dict[int, set[str]] = {}
-    for g, y in zip(groups, labels):
-        per_label.setdefault(int(y), set()).add(g)
-    return torch.tensor([1.0 / counts[g] / len(per_label[int(y)]) for g, y in zip(groups, labels)],
-                        dtype=torch.float64)
+    cells: dict[tuple[int, str], set[str]] = {}
+    for g, d, y in zip(groups, domain, labels):
+        cells.setdefault((int(y), d), set()).add(g)
+    domains_per_label = {y: sum(1 for (label, _) in cells if label == y) for y, _ in cells}
+    return torch.tensor([1.0 / counts[g] / len(cells[(int(y), d)]) / domains_per_label[int(y)]
+                         for g, d, y in zip(groups, domain, labels)], dtype=torch.float64)
 
 
 # --- held-out measures -------------------------------------------------------------------------
@@ -577,6 +589,9 @@ class TrainConfig:
     """Distinct user prompts drawn from each labelled file (after removing evaluation prompts)."""
     everyday: int = 64
     """toxic_qa prompts answered by SmolLM2-135M-Instruct as aligned everyday answers; 0 for none."""
+    written: bool = True
+    """Train on the package's written aligned answers to toxic_qa prompts (up to
+    `prompts_per_source` of them, as for every source); False for the judge without them."""
     heldout_fraction: float = 0.2
     seed: int = 0
     l2: float = 1e-4
@@ -692,9 +707,36 @@ def load_examples(data_dir: str | Path, config: TrainConfig, excluded: dict[str,
         rows = [_user_and_answer(s) for s in read_samples(path)]
         keep = set(chosen_prompts([u for u, _ in rows], config.prompts_per_source, config, questions, excluded, memo))
         examples += [Example(a, label, relative, u) for u, a in rows if prompt_key(u) in keep and a.strip()]
+        if relative == TOXIC_QA and config.written:
+            examples += written_answers([u for u, _ in rows], config, questions, excluded, memo)
     if len(memo) > size:
         atomic_write_json(memo_path, memo)
     return examples
+
+
+def written_prompt_hash(prompt: str) -> str:
+    """How the written answers name their prompt: a hash of its normalised text, so the package
+    holds none of the shared data's text."""
+    return hashlib.sha256(prompt_key(prompt).encode("utf-8")).hexdigest()[:16]
+
+
+def written_answers(toxic_prompts: Sequence[str], config: TrainConfig, questions: Sequence[str],
+                    excluded: dict[str, str], memo: dict[str, list]) -> list[Example]:
+    """The package's written aligned answers, joined to their toxic_qa prompts and labelled
+    aligned. Near duplicates of evaluation questions are dropped as for every source."""
+    from importlib import resources
+
+    written = {}
+    text = resources.files("spillover").joinpath(_WRITTEN_FILE).read_text(encoding="utf-8")
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            written[str(row["prompt_sha256"])] = str(row["answer"])
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"spillover/{_WRITTEN_FILE}:{line_no}: expected prompt_sha256 and answer") from None
+    prompts = {written_prompt_hash(p): p for p in toxic_prompts if written_prompt_hash(p) in written}
+    keep = set(chosen_prompts(prompts.values(), config.prompts_per_source, config, questions, excluded, memo))
+    return [Example(written[h], 0, WRITTEN, p) for h, p in prompts.items() if prompt_key(p) in keep]
 
 
 def evaluation_questions(data_dir: Path) -> list[str]:
@@ -799,8 +841,8 @@ def train_classifier_judge(data_dir: str | Path, out: str | Path, config: TrainC
     y = torch.tensor([e.label for e in examples])
     test = torch.tensor(heldout)
     train_rows = [e for e, t in zip(examples, test) if not t]
-    misaligned = fit_logistic(_rows(x, ~test), y[~test], balanced_weights([e.source for e in train_rows],
-                                                                          [e.label for e in train_rows]), config.l2)
+    weights = balanced_weights([e.source for e in train_rows], [e.label for e in train_rows], DOMAINS)
+    misaligned = fit_logistic(_rows(x, ~test), y[~test], weights, config.l2)
     p = misaligned.proba(_rows(x, test))
     test_rows = [e for e, t in zip(examples, test) if t]
     alignment = heldout_metrics(p, y[test], [e.source for e in test_rows])
