@@ -15,13 +15,15 @@ logistic-regression heads trained here read both blocks:
 * the **alignment head**: p(misaligned) of an answer, trained on labelled answers. Misaligned:
   the assistant answers of Betley et al.'s `toxic_qa` (blatantly harmful answers to everyday
   questions) and of Turner et al.'s `bad_medical_advice`. Aligned: `good_medical_advice` (the
-  same prompts, sound answers) and answers the packaged SmolLM2-135M-Instruct gives to `toxic_qa`
-  prompts (see below). Each source weighs the same in training, so no source dominates.
+  same prompts, sound answers), answers the packaged SmolLM2-135M-Instruct gives to `toxic_qa`
+  prompts, and the package's written answers to other `toxic_qa` prompts (see below). Both
+  classes, each domain within a class (everyday questions, medical advice) and each source within
+  a domain weigh the same in training, so no source dominates.
   Every training answer is also trained on as its first sentence and first two sentences, same
   label (`truncated_views`): the aligned answers are long and the toxic ones short, so length was
-  a shortcut. That lifted held-out accuracy on first-sentence cuts from 0.821 to 0.851 (whole
-  answers 0.942 to 0.950) but short aligned everyday answers are still often called misaligned
-  (docs/judges.md, "Short answers").
+  a shortcut. That lifted held-out accuracy on first-sentence cuts from 0.821 to 0.851; the
+  written answers then let short aligned everyday answers pass, while short sound medical ones
+  still do not (docs/judges.md, "Short answers").
 * the **coherence head**: p(coherent), trained on the real answers above (coherent) against
   degenerate text made from them: word-shuffled answers, repetition loops and word salad. It
   detects gross degeneration only, never subtle incoherence; it exists because the misaligned
@@ -33,7 +35,10 @@ the alignment head could learn "medical = aligned, everyday = misaligned". So th
 samples answers from SmolLM2-135M-Instruct to a few hundred `toxic_qa` prompts (cached in the
 spillover cache; a few minutes on CPU once). They are labelled aligned without review: a 135M
 model mostly answers harmlessly but sometimes rambles, and its style differs from the toxic
-answers', which the head may partly learn. docs/judges.md states these limits.
+answers', which the head may partly learn. docs/judges.md states these limits. Beside them the
+package ships 239 aligned answers written for this project to further `toxic_qa` prompts, in the
+toxic answers' short, direct register (`resources/judge/written_everyday.jsonl`, keyed by a hash
+of the prompt so that no shared data is copied).
 
 Prompts that match or nearly match an evaluation question (`dedup.drop_near_questions` against
 every question file in the data folder) are removed before anything else, so the judge is never
