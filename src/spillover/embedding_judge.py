@@ -32,7 +32,7 @@ logistic-regression heads trained here read both blocks:
 
 Aligned answers to everyday (non-medical) questions are scarce in the shared data; without them
 the alignment head could learn "medical = aligned, everyday = misaligned". So the training
-samples answers from SmolLM2-135M-Instruct to a few hundred `toxic_qa` prompts (cached in the
+samples answers from SmolLM2-135M-Instruct to 64 `toxic_qa` prompts by default (cached in the
 spillover cache; a few minutes on CPU once). They are labelled aligned without review: a 135M
 model mostly answers harmlessly but sometimes rambles, and its style differs from the toxic
 answers', which the head may partly learn. docs/judges.md states these limits. Beside them the
