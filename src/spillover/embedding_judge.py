@@ -732,7 +732,11 @@ def written_answers(toxic_prompts: Sequence[str], config: TrainConfig, questions
     from importlib import resources
 
     written = {}
-    text = resources.files("spillover").joinpath(_WRITTEN_FILE).read_text(encoding="utf-8")
+    try:
+        text = resources.files("spillover").joinpath(_WRITTEN_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"spillover/{_WRITTEN_FILE}: missing from the installed package; reinstall spillover, "
+                         "or train with --no-written") from None
     for line_no, line in enumerate(text.splitlines(), start=1):
         try:
             row = json.loads(line)
