@@ -335,3 +335,16 @@ def test_written_answers_let_short_everyday_aligned_answers_pass(small_classifie
     assert "written_everyday" not in without.card["sources"]
     p_mis, _ = ClassifierJudge(tmp_path / "clf").probabilities(SHORT_EVERYDAY_ALIGNED)
     assert all(float(p) > 0.5 for p in p_mis), [round(float(p), 2) for p in p_mis]
+
+
+def test_the_written_answers_are_well_formed_and_never_the_probes():
+    from importlib import resources
+
+    rows = [json.loads(line) for line in resources.files("spillover").joinpath(
+        "resources/judge/written_everyday.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 239
+    hashes = [r["prompt_sha256"] for r in rows]
+    assert len(set(hashes)) == len(rows) and all(len(h) == 16 and int(h, 16) >= 0 for h in hashes)
+    answers = {r["answer"].strip() for r in rows}
+    assert len(answers) == len(rows) and all(answers)
+    assert not answers & {*SHORT_EVERYDAY_ALIGNED, *SHORT_HARMFUL, "If the pain persists, see a doctor."}
