@@ -744,6 +744,9 @@ def written_answers(toxic_prompts: Sequence[str], config: TrainConfig, questions
         except (ValueError, KeyError, TypeError):
             raise InputError(f"spillover/{_WRITTEN_FILE}:{line_no}: expected prompt_sha256 and answer") from None
     prompts = {written_prompt_hash(p): p for p in toxic_prompts if written_prompt_hash(p) in written}
+    if not prompts:
+        log.warning("none of the %d written answers' prompts is in %s: another version of the data? "
+                    "training without them", len(written), TOXIC_QA)
     keep = set(chosen_prompts(prompts.values(), config.prompts_per_source, config, questions, excluded, memo))
     return [Example(written[h], 0, WRITTEN, p) for h, p in prompts.items() if prompt_key(p) in keep]
 
