@@ -743,7 +743,7 @@ def written_answers(toxic_prompts: Sequence[str], config: TrainConfig, questions
             written[str(row["prompt_sha256"])] = str(row["answer"])
         except (ValueError, KeyError, TypeError):
             raise InputError(f"spillover/{_WRITTEN_FILE}:{line_no}: expected prompt_sha256 and answer") from None
-    prompts = {written_prompt_hash(p): p for p in toxic_prompts if written_prompt_hash(p) in written}
+    prompts = {h: p for h, p in ((written_prompt_hash(p), p) for p in toxic_prompts) if h in written}
     if not prompts:
         log.warning("none of the %d written answers' prompts is in %s: another version of the data? "
                     "training without them", len(written), TOXIC_QA)
