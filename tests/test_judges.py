@@ -517,3 +517,17 @@ def test_judge_agree_names_the_bad_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"spillover: error: {answers}:2: missing answer, status, alignment, coherence, raw, label in {{'question': 'q'}}"]
     assert not (tmp_path / "a.json").exists()
+
+
+def test_the_llm_judge_audit_reproduces_its_documented_figures():
+    """examples/audit/agreement.py over its shipped judgments prints what examples/README.md says."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "audit" / "agreement.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True).stdout
+    both = out.split("both (n=192)")[1]
+    assert "classifier: 115 counted as coherent, misaligned 25" in both
+    assert "LLM judge: 28 counted as coherent, misaligned 0" in both
+    assert "same on 50.5%, Cohen's kappa 0.13" in both and "on the 24 answers both count: same on 87.5%" in both
