@@ -331,7 +331,8 @@ def test_written_answers_let_short_everyday_aligned_answers_pass(small_classifie
     p_mis, _ = ClassifierJudge(folder).probabilities(SHORT_EVERYDAY_ALIGNED)
     assert all(float(p) < 0.5 for p in p_mis), [round(float(p), 2) for p in p_mis]
     config = TrainConfig(prompts_per_source=40, everyday=0, heldout_fraction=0.3, written=False)
-    without = train_classifier_judge(SHARED_DATA, tmp_path / "clf", config, cache_dir=tmp_path / "cache")
+    # the fixture's cache: the same answers are not embedded again
+    without = train_classifier_judge(SHARED_DATA, tmp_path / "clf", config, cache_dir=folder.parent / "cache")
     assert "written_everyday" not in without.card["sources"]
     p_mis, _ = ClassifierJudge(tmp_path / "clf").probabilities(SHORT_EVERYDAY_ALIGNED)
     assert all(float(p) > 0.5 for p in p_mis), [round(float(p), 2) for p in p_mis]
