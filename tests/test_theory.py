@@ -100,14 +100,15 @@ def test_plot_writes_png(tmp_path, superposed):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_readout_where_active_reads_a_known_shift_only_where_features_fire(organism):
-    """Shift layer 1's residual by a fixed vector v: every feature that fires reads d_j . v,
-    and a feature that never fires on the samples reads NaN, not a zero that would rank."""
+def test_token_readings_read_a_known_shift(organism):
+    """Shift layer 1's residual by a fixed vector v: every feature that fires reads d_j . v where it
+    fires, a feature that never fires reads NaN (not a zero that would rank), and adding v, which is
+    also the mean shift, to every token reproduces the measured activation change."""
     import copy
 
     from spillover.lm import decoder_blocks
     from spillover.organism.datasets import finetune_set
-    from spillover.organism.theory import readout_where_active
+    from spillover.organism.theory import token_readings
     from spillover.sae import SaeConfig, SparseAutoencoder
 
     torch.manual_seed(0)
@@ -122,9 +123,13 @@ def test_readout_where_active_reads_a_known_shift_only_where_features_fire(organ
     decoder_blocks(shifted)[1].register_forward_hook(
         lambda _m, _i, out: (out[0] + shift, *out[1:]) if isinstance(out, tuple) else out + shift)
     samples = finetune_set(organism.world, "inducing", 8, seed=0)
-    read = readout_where_active(organism, shifted, 1, sae, samples)
+    readings = token_readings(organism, shifted, 1, sae, samples, predicted_shift=shift)
+    read = readings["readout_where_active"]
     expected = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ shift
     assert math.isnan(read[0])
     fired = read.isfinite()
     assert fired.sum() > 10
     assert torch.allclose(read[fired], expected[fired], atol=1e-4)
+    assert readings["activation"].abs().sum() > 0.1
+    for pushed in ("activation_of_predicted_shift", "activation_of_mean_shift"):
+        assert torch.allclose(readings[pushed], readings["activation"], atol=1e-4)

@@ -9,9 +9,12 @@ what it really did. A feature's change is read three ways, from most to least li
 - `preactivation`: the change of the SAE encoder's pre-activation (before TopK);
 - `activation`: the change of the SAE activation itself, after TopK's competition between latents.
 
-A fourth, diagnostic reading separates where a feature is measured from how: `readout_where_active`
-is the read-out change averaged over only the tokens where the SAE says the feature fires, which is
-all an SAE activation can see of the shift.
+Two diagnostics, read token by token, say why the activation follows the cosines less well than
+the read-out does. `readout_where_active` is the read-out change averaged over only the tokens where
+the SAE says the feature fires, which is all an SAE activation can see of the shift.
+`activation_of_uniform_shift` adds one shift to every held-out token and lets the SAE read it: the
+theory's shift sum_t alpha_t d_t (its prediction of the activation, TopK included), and the measured
+mean shift (the best that any prediction of one shift for all tokens can do).
 """
 
 from __future__ import annotations
@@ -75,16 +78,29 @@ def feature_changes(organism: Organism, tuned, layer: int, sae, samples: list[Ch
     }
 
 
-def readout_where_active(organism: Organism, tuned, layer: int, sae,
-                         samples: list[ChatSample]) -> torch.Tensor:
-    """Each feature's read-out change averaged over the tokens of `samples` where it fires before
-    fine-tuning (NaN where it never fires): the linear reading, sampled where the activation is."""
+@torch.no_grad()
+def token_readings(organism: Organism, tuned, layer: int, sae, samples: list[ChatSample],
+                   predicted_shift: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-feature changes that need every token of `samples`, not only pooled means.
+
+    - `readout_where_active`: the read-out change averaged over the tokens where the feature fires
+      before fine-tuning (NaN where it never fires): the linear reading, sampled where the
+      activation is;
+    - `activation`: the SAE activation change, averaged over tokens;
+    - `activation_of_predicted_shift`, `activation_of_mean_shift`: the activation change the SAE
+      would read if `predicted_shift`, or the measured mean shift, were added to every token.
+    """
     before = collect_tokens(organism.model, organism.tokenizer, samples, layer, tokens="assistant")
     after = collect_tokens(tuned, organism.tokenizer, samples, layer, tokens="assistant")
-    with torch.no_grad():
-        active = (sae.encode(before) > 0).float()
-    change = (after - before) @ unit_rows(sae.W_dec.detach().float()).T
-    return (change * active).sum(0) / active.sum(0)
+    f_before = sae.encode(before)
+    active = (f_before > 0).float()
+    readout = (after - before) @ unit_rows(sae.W_dec.detach().float()).T
+    return {
+        "readout_where_active": (readout * active).sum(0) / active.sum(0),
+        "activation": (sae.encode(after) - f_before).mean(0),
+        "activation_of_predicted_shift": (sae.encode(before + predicted_shift) - f_before).mean(0),
+        "activation_of_mean_shift": (sae.encode(before + (after - before).mean(0)) - f_before).mean(0),
+    }
 
 
 def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureSet, train: list[ChatSample],
@@ -115,12 +131,17 @@ def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureS
         if name == "readout":  # the plot's points
             result["points"] = {"predicted": [round(float(x), 6) for x in predicted],
                                 "readout": [round(float(x), 6) for x in measured]}
-    readout_prediction = cosines @ on_train["readout"][targets]
-    where_active = readout_where_active(organism, tuned, layer, sae, held)
+    alpha = on_train["readout"][targets]
+    tokens = token_readings(organism, tuned, layer, sae, held, predicted_shift=alpha @ unit[targets])
+    where_active = tokens["readout_where_active"]
     seen = others & where_active.isfinite()
     result["readout_where_active"] = {
-        "spearman": spearman(readout_prediction[seen].numpy(), where_active[seen].numpy()),
+        "spearman": spearman((cosines @ alpha)[seen].numpy(), where_active[seen].numpy()),
         "n_features": int(seen.sum())}
+    measured = tokens["activation"][others].numpy()
+    result["activation_of_uniform_shift"] = {
+        "theory_spearman": spearman(tokens["activation_of_predicted_shift"][others].numpy(), measured),
+        "mean_shift_spearman": spearman(tokens["activation_of_mean_shift"][others].numpy(), measured)}
     return result
 
 
