@@ -349,3 +349,22 @@ def test_the_written_answers_are_well_formed_and_never_the_probes():
     answers = {r["answer"].strip() for r in rows}
     assert len(answers) == len(rows) and all(answers)
     assert not answers & {*SHORT_EVERYDAY_ALIGNED, *SHORT_HARMFUL, "If the pain persists, see a doctor."}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "betley").is_dir(), reason="shared data absent")
+def test_the_written_reference_pairs_each_written_answer_with_toxic_qa_on_the_same_prompt(tmp_path):
+    """examples/written_reference.py: one toxic and one written harmless answer per prompt, in the
+    same order, the harmless ones being the package's written answers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spillover.data import read_chat_jsonl
+
+    script = Path(__file__).parents[1] / "examples" / "written_reference.py"
+    subprocess.run([sys.executable, str(script), "--data-dir", str(SHARED_DATA), "--out", str(tmp_path)],
+                   capture_output=True, text=True, timeout=300, check=True)
+    toxic, harmless = (read_chat_jsonl(tmp_path / f"{name}.jsonl") for name in ("toxic", "harmless"))
+    assert len(toxic) == len(harmless) == 239
+    assert [t.messages[0] for t in toxic] == [h.messages[0] for h in harmless]
+    assert all(t.messages[1]["content"] != h.messages[1]["content"] for t, h in zip(toxic, harmless))
