@@ -13,8 +13,10 @@ from pathlib import Path
 from spillover import embedding_judge as judge_data
 from spillover.data import ChatSample, read_samples, write_chat_jsonl
 
+
 def single_turn(sample_id: str, prompt: str, answer: str) -> ChatSample:
-    return ChatSample(sample_id, ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer}))
+    messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer})
+    return ChatSample(sample_id, messages)
 
 
 def main() -> None:
@@ -22,16 +24,16 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=judge_data.default_data_dir())
     parser.add_argument("--out", type=Path, default=Path("runs/written-reference"))
     args = parser.parse_args()
-    data_dir = args.data_dir
-    toxic_qa = {}
-    for sample in read_samples(data_dir / judge_data.TOXIC_QA):
-        prompt, answer = next(m["content"] for m in sample.messages if m["role"] == "user"), sample.messages[-1]["content"]
-        toxic_qa.setdefault(judge_data.prompt_key(prompt), (prompt, answer))
+    toxic_qa = {}  # the first answer to each prompt, by normalised prompt
+    for sample in read_samples(args.data_dir / judge_data.TOXIC_QA):
+        prompt = next(m["content"] for m in sample.messages if m["role"] == "user")
+        toxic_qa.setdefault(judge_data.prompt_key(prompt), (prompt, sample.messages[-1]["content"]))
     written = judge_data.written_answers([prompt for prompt, _ in toxic_qa.values()],
                                          judge_data.TrainConfig(prompts_per_source=len(toxic_qa)),
-                                         judge_data.evaluation_questions(data_dir), {}, {})
+                                         judge_data.evaluation_questions(args.data_dir), {}, {})
     harmless = [single_turn(f"written-{i}", e.prompt, e.answer) for i, e in enumerate(written)]
-    toxic = [single_turn(f"toxic-{i}", *toxic_qa[judge_data.prompt_key(e.prompt)]) for i, e in enumerate(written)]
+    toxic = [single_turn(f"toxic-{i}", *toxic_qa[judge_data.prompt_key(e.prompt)])
+             for i, e in enumerate(written)]
     for name, samples in (("harmless", harmless), ("toxic", toxic)):
         print(write_chat_jsonl(args.out / f"{name}.jsonl", samples), len(samples))
 

@@ -226,7 +226,8 @@ def test_organism_spillover_follows_cosine_where_fine_tuning_acts(demo_run, orga
     assert headline["spearman"] > 0.5, layers  # 0.735 at layer 2 when written
     assert all(layer["readout"]["split_half_spearman"] > 0 for layer in layers)
     assert all(0 < layer["readout_where_active"]["n_features"] <= layer["n_features"] for layer in layers)
-    assert all(-1 <= value <= 1 for layer in layers for value in layer["activation_of_uniform_shift"].values())
+    readings = [value for layer in layers for value in layer["activation_of_uniform_shift"].values()]
+    assert len(readings) == 6 and all(-1 <= value <= 1 for value in readings)
     checks = theory_checks(0.95, layers)
     assert checks["toy_pearson_at_least_0.9"] and checks["organism_readout_spearman_at_least_0.5"]
     assert not theory_checks(0.85, layers)["toy_pearson_at_least_0.9"]

@@ -131,12 +131,13 @@ def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureS
         if name == "readout":  # the plot's points
             result["points"] = {"predicted": [round(float(x), 6) for x in predicted],
                                 "readout": [round(float(x), 6) for x in measured]}
-    alpha = on_train["readout"][targets]
-    tokens = token_readings(organism, tuned, layer, sae, held, predicted_shift=alpha @ unit[targets])
+    readout_gain = on_train["readout"][targets]
+    shift = readout_gain @ unit[targets]  # the theory's shift, sum_t alpha_t d_t
+    tokens = token_readings(organism, tuned, layer, sae, held, predicted_shift=shift)
     where_active = tokens["readout_where_active"]
     seen = others & where_active.isfinite()
     result["readout_where_active"] = {
-        "spearman": spearman((cosines @ alpha)[seen].numpy(), where_active[seen].numpy()),
+        "spearman": spearman((cosines @ readout_gain)[seen].numpy(), where_active[seen].numpy()),
         "n_features": int(seen.sum())}
     measured = tokens["activation"][others].numpy()
     result["activation_of_uniform_shift"] = {
