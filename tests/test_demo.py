@@ -173,6 +173,14 @@ def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, orga
     assert summary["base"]["misaligned_rate"] < summary["none"]["misaligned_rate"]  # fine-tuning on inducing data
     assert main(argv) == 0  # a rerun finds every stage done: the same summary, the scoring's cost included
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    layer_1 = config.read_text()
+    config.write_text(layer_1.replace("layer_1", "layer_2"))  # other scores: geometry keeps other rows
+    assert main(argv) == 2
+    geometry_run = tmp_path / "run" / "runs" / "geometry-0.50-seed0"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"spillover: error: {geometry_run}: made from other inputs than this config gives (data_sha256 differ); "
+        f"delete {geometry_run} to run it again, or choose another --out")
+    config.write_text(layer_1)
     config.write_text(config.read_text().replace("path: control.jsonl", "path: inducing.jsonl"))
     argv[3] = str(tmp_path / "run2")  # a control set with only the inducing prompts leaves nothing to mix
     assert main(argv) == 2 and "field 'mix.control'" in capsys.readouterr().err

@@ -9,6 +9,14 @@ class ConfigError(SpilloverError):
     """A configuration value or argument is invalid; the message names the field and valid choices."""
 
 
+class OtherInputsError(ConfigError):
+    """A run folder holds a finished job made from other inputs; `differ` names them."""
+
+    def __init__(self, message: str, differ: list[str]):
+        super().__init__(message)
+        self.differ = differ
+
+
 class InputError(SpilloverError):
     """An input file is unreadable or malformed; the message names the file and line."""
 

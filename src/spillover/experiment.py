@@ -6,12 +6,14 @@ so a cut-off experiment resumes where it stopped and a finished one costs nothin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import random
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from .activations import shard_seconds
 from .data import read_chat_jsonl, write_chat_jsonl
 from .dedup import first_user_prompt
-from .errors import ConfigError
+from .errors import ConfigError, OtherInputsError
 from .evaluate import EvaluateConfig, run_evaluate
 from .filtering import STRATEGIES
 from .finetune import apply_overrides, preset, run_finetune
@@ -137,11 +139,14 @@ def run_experiment(config_path: str | Path, out_dir: str | Path, cache_dir: str 
     plan = [("none", 0.0)] + [(s, f) for s in config.strategies for f in config.fractions]
     for strategy, fraction in plan:
         for seed in config.seeds:
-            run = _run_one(config, out / "runs" / f"{strategy}-{fraction:.2f}-seed{seed}", strategy, fraction, seed,
-                           scores, cache_dir)
+            folder = out / "runs" / f"{strategy}-{fraction:.2f}-seed{seed}"
+            with _from_these_inputs(folder):
+                run = _run_one(config, folder, strategy, fraction, seed, scores, cache_dir)
             run["inducing_removed"] = len(inducing & set(run.pop("removed_ids"))) / len(inducing) if inducing else None
             runs.setdefault((strategy, fraction), []).append(run)
-    summary = {"base": _evaluate_base(config, out / "base", cache_dir), **_summarize(runs, costs, config),
+    with _from_these_inputs(out / "base"):
+        base = _evaluate_base(config, out / "base", cache_dir)
+    summary = {"base": base, **_summarize(runs, costs, config),
                "score_auroc": _score_auroc(scores, samples, inducing)}
     atomic_write_json(out / "summary.json", summary)
     return summary
@@ -260,6 +265,17 @@ def _evaluate_base(config: ExperimentConfig, folder: Path, cache_dir) -> dict:
     return {"n": overall.n, "n_counted": overall.n_counted, "n_misaligned": overall.n_misaligned,
             "misaligned_rate": overall.misaligned_rate, "ci95": list(overall.ci95),
             "coherent_rate": overall.coherent_rate}
+
+
+@contextlib.contextmanager
+def _from_these_inputs(folder: Path) -> Iterator[None]:
+    """A stage of an experiment's run that finds its folder made from other inputs (the config
+    changed since): name the run to delete, whose stages hang together, rather than the stage."""
+    try:
+        yield
+    except OtherInputsError as exc:
+        raise ConfigError(f"{folder}: made from other inputs than this config gives ({', '.join(exc.differ)} "
+                          f"differ); delete {folder} to run it again, or choose another --out") from None
 
 
 def _run_one(config: ExperimentConfig, folder: Path, strategy: str, fraction: float, seed: int,

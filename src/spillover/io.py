@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, InputError, SpilloverError
+from .errors import ConfigError, InputError, OtherInputsError, SpilloverError
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -243,6 +243,6 @@ def matching_manifest(path: str | Path, inputs: dict, what: str) -> dict | None:
         raise InputError(f"{path}: unreadable manifest; delete the folder to run the {what} again") from None
     if previous != inputs:
         differ = [k for k in inputs if previous.get(k) != inputs[k]]
-        raise ConfigError(f"{path}: {path.parent} holds a {what} with other inputs ({', '.join(differ)} differ); "
-                          "choose another output folder or delete it")
+        raise OtherInputsError(f"{path}: {path.parent} holds a {what} with other inputs ({', '.join(differ)} "
+                               "differ); choose another output folder or delete it", differ)
     return manifest
