@@ -133,3 +133,17 @@ def test_token_readings_read_a_known_shift(organism):
     assert readings["activation"].abs().sum() > 0.1
     for pushed in ("activation_of_predicted_shift", "activation_of_mean_shift"):
         assert torch.allclose(readings[pushed], readings["activation"], atol=1e-4)
+
+
+def test_the_theory_summary_line_shows_the_activation_readings_beside_the_read_out():
+    from spillover.organism.theory import summary_line
+
+    layers = [{"layer": layer, "activation": {"spearman": 0.1 * layer},
+               "activation_of_uniform_shift": {"theory_spearman": 0.2 * layer,
+                                               "mean_shift_spearman": 0.3 * layer}}
+              for layer in (0, 1, 2)]
+    report = {"toy": {"pearson": 0.99931}, "organism": layers,
+              "organism_headline": {"layer": 1, "rule": "largest gain", "spearman": 0.7194}}
+    assert summary_line(report) == (
+        "toy model Pearson 0.9993; organism at layer 1 (largest gain): read-out Spearman 0.719, "
+        "SAE activation 0.100 (the theory's shift read by the SAE 0.200, the measured mean shift 0.300)")

@@ -302,12 +302,10 @@ def _run(args: argparse.Namespace) -> str:
     if args.verb == "geometry":
         return _run_geometry(args)
     if args.verb == "theory":
-        from .organism.theory import run_theory
+        from .organism.theory import run_theory, summary_line
 
         report = run_theory(args.out, cache_dir=args.cache)
-        headline = report["organism_headline"]
-        return (f"toy model Pearson {report['toy']['pearson']:.4f}; organism Spearman {headline['spearman']:.3f} "
-                f"at layer {headline['layer']} ({headline['rule']}): wrote {args.out / 'theory.json'}")
+        return f"{summary_line(report)}: wrote {args.out / 'theory.json'}"
     if args.verb in ("finetune", "evaluate"):
         return _run_harness(args)
     if args.verb == "score":

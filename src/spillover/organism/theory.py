@@ -181,6 +181,19 @@ def theory_checks(toy_pearson: float, layers: list[dict]) -> dict[str, bool]:
     }
 
 
+def summary_line(report: dict) -> str:
+    """What `spillover theory` prints: the toy model, then the headline layer's read-out and its
+    SAE-activation readings, so the console shows the failing reading as well as the passing one."""
+    headline = report["organism_headline"]
+    chosen = next(layer for layer in report["organism"] if layer["layer"] == headline["layer"])
+    uniform = chosen["activation_of_uniform_shift"]
+    theory, mean_shift = uniform["theory_spearman"], uniform["mean_shift_spearman"]
+    return (f"toy model Pearson {report['toy']['pearson']:.4f}; organism at layer {headline['layer']} "
+            f"({headline['rule']}): read-out Spearman {headline['spearman']:.3f}, SAE activation "
+            f"{chosen['activation']['spearman']:.3f} (the theory's shift read by the SAE {theory:.3f}, "
+            f"the measured mean shift {mean_shift:.3f})")
+
+
 def plot_organism_spillover(layers: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
