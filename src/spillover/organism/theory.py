@@ -39,6 +39,8 @@ from .model import Organism
 from .world import persona_named
 
 MEASURES = ("readout", "preactivation", "activation")
+PLOTTED = ("readout", "activation")
+"""The readings `organism_spillover.png` shows, one row each: the theory's own variable and the SAE's."""
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,9 @@ def measure_layer(organism: Organism, tuned, layer: int, sae, inducing: FeatureS
         result[name] = {"spearman": spearman(predicted, measured), "pearson": pearson(predicted, measured),
                         "mean_target_gain": float(alpha.mean()),
                         "split_half_spearman": spearman(halves[0][name][others].numpy(), halves[1][name][others].numpy())}
-        if name == "readout":  # the plot's points
-            result["points"] = {"predicted": [round(float(x), 6) for x in predicted],
-                                "readout": [round(float(x), 6) for x in measured]}
+        if name in PLOTTED:  # the plot's points
+            result.setdefault("points", {})[name] = {"predicted": [round(float(x), 6) for x in predicted],
+                                                     "measured": [round(float(x), 6) for x in measured]}
     readout_gain = on_train["readout"][targets]
     shift = readout_gain @ unit[targets]  # the theory's shift, sum_t alpha_t d_t
     tokens = token_readings(organism, tuned, layer, sae, held, predicted_shift=shift)
@@ -197,12 +199,15 @@ def summary_line(report: dict) -> str:
 def plot_organism_spillover(layers: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.3 * len(layers), 3.2), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        ax.scatter(layer["points"]["predicted"], layer["points"]["readout"], s=4, alpha=0.5)
-        ax.set_title(f"layer {layer['layer']}: Spearman {layer['readout']['spearman']:.2f}", fontsize=9)
-        ax.set_xlabel("predicted: sum_t alpha_t cos(d_j, d_t)", fontsize=8)
-    axes[0][0].set_ylabel("measured change on held-out prompts", fontsize=8)
+    fig, axes = plt.subplots(len(PLOTTED), len(layers), figsize=(3.3 * len(layers), 3.0 * len(PLOTTED)),
+                             squeeze=False)
+    for row, name in zip(axes, PLOTTED):
+        for ax, layer in zip(row, layers):
+            points = layer["points"][name]
+            ax.scatter(points["predicted"], points["measured"], s=4, alpha=0.5)
+            ax.set_title(f"layer {layer['layer']}, {name}: Spearman {layer[name]['spearman']:.2f}", fontsize=9)
+            ax.set_xlabel("predicted: sum_t alpha_t cos(d_j, d_t)", fontsize=8)
+        row[0].set_ylabel(f"measured {name} change, held out", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
