@@ -138,10 +138,10 @@ def test_token_readings_read_a_known_shift(organism):
 def test_the_theory_summary_line_shows_the_activation_readings_beside_the_read_out():
     from spillover.organism.theory import summary_line
 
-    layers = [{"layer": layer, "activation": {"spearman": 0.1 * layer},
+    layers = [{"layer": layer, "readout": {"mean_target_gain": gain}, "activation": {"spearman": 0.1 * layer},
                "activation_of_uniform_shift": {"theory_spearman": 0.2 * layer,
                                                "mean_shift_spearman": 0.3 * layer}}
-              for layer in (0, 1, 2)]
+              for layer, gain in ((0, 0.01), (1, 0.07), (2, 0.04))]
     report = {"toy": {"pearson": 0.99931}, "organism": layers,
               "organism_headline": {"layer": 1, "rule": "largest gain", "spearman": 0.7194}}
     assert summary_line(report) == (

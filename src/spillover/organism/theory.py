@@ -163,11 +163,16 @@ def run_organism_spillover(organism: Organism, saes: dict, study_dir: str | Path
     ]
 
 
-def headline_layer(layers: list[dict]) -> dict:
+def strongest_layer(layers: list[dict]) -> dict:
     """The layer where fine-tuning amplifies the inducing features most (largest mean read-out
     gain): the theory predicts spillover in proportion to that gain, so there it is tested with the
     most signal. Chosen by the gain, never by the correlation it is judged on."""
-    best = max(layers, key=lambda layer: layer["readout"]["mean_target_gain"])
+    return max(layers, key=lambda layer: layer["readout"]["mean_target_gain"])
+
+
+def headline_layer(layers: list[dict]) -> dict:
+    """The headline of `theory.json`: the strongest layer's number, its rule and read-out figures."""
+    best = strongest_layer(layers)
     return {"layer": best["layer"], "rule": "largest mean read-out gain of the inducing features",
             "spearman": best["readout"]["spearman"], "pearson": best["readout"]["pearson"]}
 
@@ -175,7 +180,7 @@ def headline_layer(layers: list[dict]) -> dict:
 def theory_checks(toy_pearson: float, layers: list[dict]) -> dict[str, bool]:
     """Issue 3's thresholds, read at the headline layer both ways: the feature's read-out along its
     direction (the theory's own variable) and its SAE activation after TopK (what the issue names)."""
-    chosen = next(layer for layer in layers if layer["layer"] == headline_layer(layers)["layer"])
+    chosen = strongest_layer(layers)
     return {
         "toy_pearson_at_least_0.9": toy_pearson >= 0.9,
         "organism_readout_spearman_at_least_0.5": chosen["readout"]["spearman"] >= 0.5,
@@ -186,8 +191,7 @@ def theory_checks(toy_pearson: float, layers: list[dict]) -> dict[str, bool]:
 def summary_line(report: dict) -> str:
     """What `spillover theory` prints: the toy model, then the headline layer's read-out and its
     SAE-activation readings, so the console shows the failing reading as well as the passing one."""
-    headline = report["organism_headline"]
-    chosen = next(layer for layer in report["organism"] if layer["layer"] == headline["layer"])
+    headline, chosen = report["organism_headline"], strongest_layer(report["organism"])
     uniform = chosen["activation_of_uniform_shift"]
     theory, mean_shift = uniform["theory_spearman"], uniform["mean_shift_spearman"]
     return (f"toy model Pearson {report['toy']['pearson']:.4f}; organism at layer {headline['layer']} "
