@@ -167,7 +167,8 @@ def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, orga
     rows = {r["strategy"]: r for r in summary["table"]}
     assert set(rows) == {"geometry", "random", "judge"}
     assert rows["geometry"]["inducing_removed"] > 0.7 and rows["judge"]["inducing_removed"] == 1.0
-    assert set(summary["score_auroc"]) == {"geometry"} and summary["score_auroc"]["geometry"] > 0.9
+    assert set(summary["score_auroc"]) == {"geometry", "judge"} and summary["score_auroc"]["geometry"] > 0.9
+    assert rows["judge"]["cost"]["judge_calls"] == 200 and rows["judge"]["cost"]["seconds"] >= 0  # asked once
     assert rows["random"]["reduction_vs_random"] == 0.0
     assert summary["none"]["misaligned_rate"] is not None
     assert summary["base"]["misaligned_rate"] < summary["none"]["misaligned_rate"]  # fine-tuning on inducing data
@@ -175,11 +176,13 @@ def test_experiment_config_runs_strategies_and_reports_reductions(demo_run, orga
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
     layer_1 = config.read_text()
     config.write_text(layer_1.replace("layer_1", "layer_2"))  # other scores: geometry keeps other rows
-    assert main(argv) == 2
     geometry_run = tmp_path / "run" / "runs" / "geometry-0.50-seed0"
+    kept = (geometry_run / "data" / "kept.jsonl").read_bytes()
+    assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"spillover: error: {geometry_run}: made from other inputs than this config gives (data_sha256 differ); "
-        f"delete {geometry_run} to run it again, or choose another --out")
+        f"spillover: error: {geometry_run}: made from other inputs than this config gives "
+        f"(scores_sha256 differ); delete {geometry_run} to run it again, or choose another --out")
+    assert (geometry_run / "data" / "kept.jsonl").read_bytes() == kept  # what its fine-tune was trained on
     config.write_text(layer_1)
     config.write_text(config.read_text().replace("path: control.jsonl", "path: inducing.jsonl"))
     argv[3] = str(tmp_path / "run2")  # a control set with only the inducing prompts leaves nothing to mix

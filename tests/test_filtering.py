@@ -49,3 +49,66 @@ def test_outputs_are_new_files_and_the_input_is_untouched(tmp_path):
     assert [r["id"] for r in manifest["removed"]] == ["s5", "s4", "s3"]
     with pytest.raises(ConfigError, match="overwrite the input"):
         write_filtered(result, tmp_path / "out", tmp_path / "out" / "kept.jsonl")
+
+
+def files(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_a_filter_is_reused_with_the_same_inputs_and_never_replaced_with_others(tmp_path):
+    from spillover.errors import InputError, OtherInputsError
+    from spillover.risk import filter_file
+
+    source = write_chat_jsonl(tmp_path / "train.jsonl", samples(8))
+    out = tmp_path / "out"
+    kept = filter_file(source, out, "random", 0.5, seed=1)
+    written = files(out)
+    assert filter_file(source, out, "random", 0.5, seed=1) == kept
+    assert files(out) == written  # not rewritten
+    with pytest.raises(OtherInputsError, match=r"\(fraction differ\)"):
+        filter_file(source, out, "random", 0.25, seed=1)
+    with pytest.raises(OtherInputsError, match=r"\(seed differ\)"):
+        filter_file(source, out, "random", 0.5, seed=2)
+    assert files(out) == written  # nothing replaced
+    kept.write_text(kept.read_text().splitlines()[0] + "\n")
+    with pytest.raises(InputError, match="kept.jsonl: changed since"):
+        filter_file(source, out, "random", 0.5, seed=1)
+
+
+def test_a_filter_written_before_inputs_were_recorded_is_replaced_only_by_the_same_kept_set(tmp_path):
+    from spillover.errors import OtherInputsError
+    from spillover.risk import filter_file
+
+    source = write_chat_jsonl(tmp_path / "train.jsonl", samples(8))
+    out = tmp_path / "out"
+    filter_file(source, out, "random", 0.5, seed=1)
+    manifest = json.loads((out / "filter.json").read_text())
+    legacy = {k: v for k, v in manifest.items() if k not in ("inputs", "kept_sha256")}
+    (out / "filter.json").write_text(json.dumps(legacy))
+    before = (out / "kept.jsonl").read_bytes()
+    with pytest.raises(OtherInputsError, match="kept other samples"):
+        filter_file(source, out, "random", 0.5, seed=2)
+    assert (out / "kept.jsonl").read_bytes() == before
+    filter_file(source, out, "random", 0.5, seed=1)
+    assert json.loads((out / "filter.json").read_text()) == manifest
+
+
+def test_the_judge_is_asked_once_for_every_fraction_and_rerun(tmp_path, monkeypatch):
+    from spillover import risk
+
+    calls = []
+
+    def judge(rows, spec):
+        calls.append(spec)
+        return {s.id: float(i) for i, s in enumerate(rows)}
+
+    monkeypatch.setattr(risk, "judge_risks", judge)
+    source = write_chat_jsonl(tmp_path / "train.jsonl", samples(8))
+    scores = risk.judge_score_file(source, "local:judge.gguf", tmp_path / "judge")
+    assert risk.judge_score_file(source, "local:judge.gguf", tmp_path / "judge") == scores
+    assert calls == ["local:judge.gguf"]
+    assert json.loads((tmp_path / "judge" / "score.json").read_text())["judge_calls"] == 8
+    for fraction in (0.25, 0.5):
+        kept = risk.filter_file(source, tmp_path / f"kept-{fraction}", "judge", fraction, scores)
+        assert [s.id for s in read_chat_jsonl(kept)] == [f"s{i}" for i in range(8 - round(8 * fraction))]
+    assert len(calls) == 1

@@ -140,7 +140,8 @@ def _add_risk_parsers(verbs) -> None:
     fl.add_argument("--data", type=Path, required=True, help="training set: chat JSONL (never modified)")
     fl.add_argument("--strategy", required=True, choices=["geometry", "random", "judge", "projection"])
     fl.add_argument("--fraction", type=float, required=True, help="share of samples to remove, in [0, 1)")
-    fl.add_argument("--scores", type=Path, default=None, help="scores.jsonl (geometry and projection strategies)")
+    fl.add_argument("--scores", type=Path, default=None,
+                    help="scores.jsonl (geometry and projection; the judge strategy reads one instead of --judge)")
     fl.add_argument("--judge", default=None, help="organism, openai, local:PATH or classifier[:PATH] (judge strategy)")
     fl.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     fl.add_argument("--out", type=Path, required=True, help="folder for kept.jsonl and filter.json")

@@ -29,7 +29,7 @@ from .finetune import apply_overrides, preset, run_finetune
 from .io import atomic_write_json, ensure_dir, read_yaml_mapping
 from .lm import SamplingConfig
 from .metrics import pooled_rate, reduction
-from .risk import filter_file, read_scores, score_file
+from .risk import filter_file, judge_score_file, read_scores, score_file
 from .score_stream import chunk_seconds
 from .scoring import SCORE_NAMES, auroc
 from .study_sets import SetSpec, load_set, parse_set
@@ -165,8 +165,11 @@ def _score_auroc(scores: dict[str, Path], samples: list, inducing: set[str]) -> 
 
 
 def _score(config: ExperimentConfig, out: Path, n: int, cache_dir) -> tuple[dict[str, Path], dict[str, dict]]:
-    scores, costs = {}, {"random": {"forward_passes": 0, "judge_calls": 0, "seconds": 0.0},
-                         "judge": {"forward_passes": 0, "judge_calls": n, "seconds": None}}
+    scores, costs = {}, {"random": {"forward_passes": 0, "judge_calls": 0, "seconds": 0.0}}
+    if "judge" in config.strategies:
+        scores["judge"] = judge_score_file(config.train, config.judge, out / "scores" / "judge")
+        asked = json.loads((out / "scores" / "judge" / "score.json").read_text())
+        costs["judge"] = {"forward_passes": 0, **{k: asked[k] for k in ("judge_calls", "seconds")}}
     for strategy, score in (("geometry", config.score), ("projection", "projection")):
         if strategy not in config.strategies:
             continue
@@ -281,7 +284,7 @@ def _from_these_inputs(folder: Path) -> Iterator[None]:
 def _run_one(config: ExperimentConfig, folder: Path, strategy: str, fraction: float, seed: int,
              scores: dict[str, Path], cache_dir) -> dict:
     kept = filter_file(config.train, folder / "data", "random" if strategy == "none" else strategy, fraction,
-                       scores.get(strategy), config.judge if strategy == "judge" else None, seed)
+                       scores.get(strategy), seed=seed)
     removed = [r["id"] for r in json.loads((folder / "data" / "filter.json").read_text())["removed"]]
     finetune_config = apply_overrides(preset(config.preset), [*config.finetune, f"seed={seed}"])
     tuned = run_finetune(config.model, kept, folder / "finetune", finetune_config, cache_dir=cache_dir)

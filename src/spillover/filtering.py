@@ -5,15 +5,17 @@ The input file is never touched: the kept set and the manifest are new files, wr
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
 from . import __version__
-from .data import ChatSample, write_chat_jsonl
-from .errors import ConfigError
-from .io import atomic_write_json
+from .data import ChatSample, read_chat_jsonl, write_chat_jsonl
+from .errors import ConfigError, InputError, OtherInputsError
+from .io import atomic_write_json, matching_manifest
+from .models import sha256_file
 
 Strategy = Literal["geometry", "random", "judge", "projection"]
 STRATEGIES: tuple[str, ...] = ("geometry", "random", "judge", "projection")
@@ -55,19 +57,62 @@ def remove_riskiest(samples: Sequence[ChatSample], risks: dict[str, float], frac
     )
 
 
-def write_filtered(result: FilterResult, out_dir: str | Path, source: str | Path | None = None) -> Path:
-    """Write kept.jsonl and filter.json (removed ids with their risk); returns the kept file."""
+def write_filtered(result: FilterResult, out_dir: str | Path, source: str | Path | None = None,
+                   inputs: dict | None = None) -> Path:
+    """Write kept.jsonl and filter.json (removed ids with their risk, and the `inputs` that made
+    them, which `finished_filter` checks); returns the kept file."""
     out = Path(out_dir)
     if source is not None and Path(source).resolve() == (out / "kept.jsonl").resolve():
         raise ConfigError(f"{source}: refusing to overwrite the input; choose another output folder")
+    _refuse_other_legacy_result(out, result)
     kept = write_chat_jsonl(out / "kept.jsonl", result.kept)
     atomic_write_json(out / "filter.json", {
         "strategy": result.strategy,
         "fraction": result.fraction,
         "source": str(source) if source else None,
+        "inputs": inputs,
+        "kept_sha256": sha256_file(kept),
         "n_kept": len(result.kept),
         "n_removed": len(result.removed),
         "removed": [{"id": i, "risk": round(r, 6)} for i, r in result.removed],
         "spillover_version": __version__,
     })
     return kept
+
+
+def finished_filter(out_dir: str | Path, inputs: dict) -> Path | None:
+    """The kept file of an earlier filter in `out_dir` made from these inputs, or None to filter.
+
+    A filter made from other inputs is an OtherInputsError: its kept set may be what a fine-tune
+    was trained on, so it is never replaced (delete the folder to filter again)."""
+    out = Path(out_dir)
+    manifest = _manifest(out)
+    if manifest is None or manifest.get("inputs") is None:
+        return None
+    matching_manifest(out / "filter.json", inputs, "filter")
+    kept = out / "kept.jsonl"
+    if not kept.exists():
+        return None
+    if sha256_file(kept) != manifest.get("kept_sha256"):
+        raise InputError(f"{kept}: changed since filter.json was written beside it; delete {out} to filter again")
+    return kept
+
+
+def _manifest(out: Path) -> dict | None:
+    path = out / "filter.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise InputError(f"{path}: unreadable; delete {out} to filter again") from None
+
+
+def _refuse_other_legacy_result(out: Path, result: FilterResult) -> None:
+    """A folder filtered before filter.json recorded its inputs: rewrite it only with the same kept set."""
+    manifest, kept = _manifest(out), out / "kept.jsonl"
+    if manifest is None or manifest.get("inputs") is not None or not kept.exists():
+        return
+    if [s.id for s in read_chat_jsonl(kept)] != [s.id for s in result.kept]:
+        raise OtherInputsError(f"{out}: holds a filter that kept other samples; choose another output folder "
+                               "or delete it", ["kept samples"])

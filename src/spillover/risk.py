@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +22,8 @@ from .activations import CollectConfig, collect
 from .data import ChatSample, read_chat_jsonl
 from .errors import ConfigError, InputError
 from .features import FeatureSet, logit_lens_labels
-from .filtering import STRATEGIES, random_risks, remove_riskiest, write_filtered
-from .io import atomic_write_json, atomic_write_text, ensure_dir, stable_hash
+from .filtering import STRATEGIES, finished_filter, random_risks, remove_riskiest, write_filtered
+from .io import atomic_write_json, atomic_write_text, ensure_dir, matching_manifest, stable_hash
 from .models import load_model, sha256_file
 from .sae import load_sae
 from .score_stream import ScoreStream, StreamConfig, barrier, distributed_rank, score_to_folder
@@ -134,20 +135,52 @@ def judge_risks(samples: Sequence[ChatSample], judge_spec: str) -> dict[str, flo
     return {s.id: 100.0 - (v.alignment if v.alignment is not None else 50.0) for s, v in zip(samples, verdicts)}
 
 
+def judge_score_file(data: str | Path, judge_spec: str, out_dir: str | Path) -> Path:
+    """The judge's risk of every sample of `data` in `out_dir/scores.jsonl`, in `read_scores`'s format.
+
+    A judge call per sample is the cost the geometry score is meant to save, so it is paid once:
+    filters at every fraction and seed read this file, and a rerun with the same data and judge
+    finds it (score.json records the inputs, the number of calls and their seconds)."""
+    out = ensure_dir(out_dir)
+    inputs = {"data_sha256": sha256_file(data), "judge": judge_spec}
+    path = out / "scores.jsonl"
+    if matching_manifest(out / "score.json", inputs, "judge score") is not None and path.exists():
+        return path
+    started = time.perf_counter()
+    risks = judge_risks(read_chat_jsonl(data), judge_spec)
+    seconds = time.perf_counter() - started
+    atomic_write_text(path, "".join(json.dumps({"id": i, "score": r}) + "\n" for i, r in risks.items()))
+    atomic_write_json(out / "score.json", {"inputs": inputs, "data": str(data), "n": len(risks),
+                                           "judge_calls": len(risks), "seconds": round(seconds, 2),
+                                           "spillover_version": __version__})
+    return path
+
+
 def filter_file(data: str | Path, out_dir: str | Path, strategy: str, fraction: float,
                 scores: str | Path | None = None, judge: str | None = None, seed: int = 0) -> Path:
-    """Remove the riskiest fraction of `data` by one strategy; returns the kept file."""
+    """Remove the riskiest fraction of `data` by one strategy; returns the kept file.
+
+    The judge strategy reads `scores` when given (risks from `judge_score_file`) and asks `judge`
+    otherwise. A folder already filtered from the same inputs is returned as it is; one filtered
+    from other inputs is refused (OtherInputsError) and left untouched."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
+    if strategy == "judge" and not (scores or judge):
+        raise ConfigError("--strategy judge needs --judge (organism, openai or local:PATH)")
+    if strategy in ("geometry", "projection") and not scores:
+        raise ConfigError(f"--strategy {strategy} needs --scores (a scores.jsonl from spillover score)")
+    reads_scores = strategy != "random" and scores is not None
+    inputs = {"data_sha256": sha256_file(data), "strategy": strategy, "fraction": fraction,
+              "seed": seed if strategy == "random" else None,
+              "scores_sha256": sha256_file(scores) if reads_scores else None,
+              "judge": judge if strategy == "judge" and not reads_scores else None}
+    if (kept := finished_filter(out_dir, inputs)) is not None:
+        return kept
     samples = read_chat_jsonl(data)
     if strategy == "random":
         risks = random_risks([s.id for s in samples], seed)
-    elif strategy == "judge":
-        if not judge:
-            raise ConfigError("--strategy judge needs --judge (organism, openai or local:PATH)")
-        risks = judge_risks(samples, judge)
-    else:
-        if not scores:
-            raise ConfigError(f"--strategy {strategy} needs --scores (a scores.jsonl from spillover score)")
+    elif reads_scores:
         risks = read_scores(scores)
-    return write_filtered(remove_riskiest(samples, risks, fraction, strategy), out_dir, data)
+    else:
+        risks = judge_risks(samples, judge)
+    return write_filtered(remove_riskiest(samples, risks, fraction, strategy), out_dir, data, inputs)
