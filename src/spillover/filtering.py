@@ -64,7 +64,8 @@ def write_filtered(result: FilterResult, out_dir: str | Path, source: str | Path
     out = Path(out_dir)
     if source is not None and Path(source).resolve() == (out / "kept.jsonl").resolve():
         raise ConfigError(f"{source}: refusing to overwrite the input; choose another output folder")
-    _refuse_other_legacy_result(out, result)
+    if inputs is not None:
+        _refuse_other_legacy_result(out, result)
     kept = write_chat_jsonl(out / "kept.jsonl", result.kept)
     atomic_write_json(out / "filter.json", {
         "strategy": result.strategy,
@@ -111,7 +112,7 @@ def _manifest(out: Path) -> dict | None:
 def _refuse_other_legacy_result(out: Path, result: FilterResult) -> None:
     """A folder filtered before filter.json recorded its inputs: rewrite it only with the same kept set."""
     manifest, kept = _manifest(out), out / "kept.jsonl"
-    if manifest is None or manifest.get("inputs") is not None or not kept.exists():
+    if manifest is None or "inputs" in manifest or not kept.exists():
         return
     if [s.id for s in read_chat_jsonl(kept)] != [s.id for s in result.kept]:
         raise OtherInputsError(f"{out}: holds a filter that kept other samples; choose another output folder "
