@@ -367,6 +367,25 @@ def test_a_rerun_is_served_from_the_cache_and_the_key_is_never_written(serve, tm
     assert KEY_ENV in repr(judge.config)
 
 
+def test_an_interrupted_run_sends_no_queued_request_and_caches_those_in_flight(serve, tmp_path):
+    server = serve(lambda body, n: (200, chat({"50": 1.0}), 0.05))
+    cache = tmp_path / "judge-cache.jsonl"
+    judge = make_judge(server, cache=cache, max_concurrency=2)
+    put = judge._cache.put
+
+    def interrupted(key, model, completion):
+        put(key, model, completion)
+        if judge._cache.put is interrupted:
+            judge._cache.put = put
+            raise KeyboardInterrupt  # Ctrl-C as the first answer is cached
+
+    judge._cache.put = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        judge.judge_many([JudgeItem("q", f"answer {i}", PROMPTS) for i in range(30)])
+    assert len(server.requests) <= 4  # the two in flight, not the 60 queued
+    assert len(JudgmentCache(cache)) == len(server.requests)  # every answer paid for is kept
+
+
 def test_a_line_cut_off_by_a_killed_run_is_tolerated(serve, tmp_path):
     cache_path = tmp_path / "judge-cache.jsonl"
     cache = JudgmentCache(cache_path)

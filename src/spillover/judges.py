@@ -338,12 +338,22 @@ class OpenAIJudge(_LogprobJudge):
         return f"OpenAIJudge(model={self.config.model!r}, base_url={self.config.base_url!r}, cache={self._cache!r})"
 
     def _complete_many(self, prompts: list[str], done: Callable[[str, Completion | Score], None]) -> None:
+        """Interrupted (Ctrl-C, or `done` failing), the queued requests are cancelled rather than
+        sent, and the answers of those already in flight are still handed to `done` (the cache)."""
         if not prompts:
             return
-        with ThreadPoolExecutor(max_workers=min(self.config.max_concurrency, len(prompts))) as pool:
-            futures = {pool.submit(self._complete, p): p for p in prompts}
+        pool = ThreadPoolExecutor(max_workers=min(self.config.max_concurrency, len(prompts)))
+        futures = {pool.submit(self._complete, p): p for p in prompts}
+        delivered = set()
+        try:
             for future in progress(as_completed(futures), desc=f"judging ({self.name})", total=len(prompts)):
+                delivered.add(future)
                 done(futures[future], future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future, prompt in futures.items():
+                if future not in delivered and not future.cancelled():
+                    done(prompt, future.result())
 
     def _complete(self, prompt: str) -> Completion | Score:
         """One prompt with retries; any failure becomes an `error` Score, so nothing is lost."""
