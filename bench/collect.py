@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _measure import ROOT, ShardWatch, run_worker
+from _measure import ROOT, ShardWatch, page_in, run_worker
 from _measure import peak_kb as _peak_kb
 from _measure import reset_peak as _reset_peak
 from _measure import status_kb as _status_kb
@@ -162,6 +162,7 @@ def worker(args: argparse.Namespace) -> None:
 
     organism = load_organism()
     model, tokenizer = organism.model, organism.tokenizer
+    page_in(model)
     sae = load_sae(args.sae)
     samples = make_samples(organism.world, args.n, args.seed)
     run = run_spillover if args.worker == "spillover" else run_baseline

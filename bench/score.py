@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from _measure import ROOT, machine_info, peak_kb, reset_peak, run_worker, status_kb
+from _measure import ROOT, machine_info, page_in, peak_kb, reset_peak, run_worker, status_kb
 
 VARIANTS = ("spillover", "saelens_tl", "saelens_tl_stop", "transformers")
 SCALE = 10
@@ -335,6 +335,7 @@ def worker(args: argparse.Namespace) -> None:
 
     args.data = Path(args.data)
     lm = load_model(args.model, device="cpu")
+    page_in(lm.model)
     loaded = SimpleNamespace(model=lm.model, tokenizer=lm.tokenizer)  # mutable: a variant may drop the HF model
     del lm
     tokenizer, sae_folder = loaded.tokenizer, Path(args.sae)

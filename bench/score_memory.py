@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _measure import ROOT, machine_info, peak_kb, reset_peak, status_kb
+from _measure import ROOT, machine_info, page_in, peak_kb, reset_peak, status_kb
 from score import CPU_MODELS, MAX_LENGTH, WARMUP, default_data, load_samples, prepare_sae, reference_of
 
 sys.path.insert(0, str(ROOT / "src"))
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         sae_folder, toxic = prepare_sae(args.model, spec, args.seed, Path(tmp))
         sae, toxic_features = load_sae(sae_folder), json.loads(toxic.read_text())
     lm = load_model(args.model, device="cpu")
+    page_in(lm.model)
     reference = reference_of(sae, toxic_features)
     reference.nearest_toxic_cosine()
     config = StreamConfig(token_budget=budget, chunk_size=args.chunk_size, max_length=MAX_LENGTH)

@@ -88,6 +88,16 @@ def test_topk_keeps_exactly_k_per_row():
     assert torch.equal(kept.topk(3).values, pre.topk(3).values)
 
 
+def test_encode_topk_gives_the_values_and_latents_that_encode_scatters():
+    sae = random_sae("topk", d_in=8, d_sae=40)
+    x = torch.randn(64, 8)
+    values, latents = sae.encode_topk(x)
+    assert values.shape == latents.shape == (64, 3)
+    assert torch.equal(torch.zeros(64, 40).scatter(-1, latents, values), sae.encode(x))
+    with pytest.raises(ConfigError, match="not 'topk'"):
+        random_sae("standard", d_in=8, d_sae=40).encode_topk(x)
+
+
 def test_decode_forward_and_directions():
     sae = hand_built("standard")
     f = torch.tensor([[1.0, 2.0, 0.0]])

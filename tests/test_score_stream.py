@@ -48,6 +48,18 @@ def test_streamed_scores_equal_scores_of_pooled_activations(organism, scoring_in
     assert torch.allclose(torch.tensor([s.score for s in got]), torch.tensor([s.score for s in expected]), atol=1e-5)
 
 
+def test_topk_features_are_pooled_from_their_k_values_to_the_same_sums_as_dense_rows(organism, scoring_inputs):
+    _, _, sae, toxic = scoring_inputs
+    stream = ScoreStream(organism.model, organism.tokenizer, sae, LAYER, ToxicReference(sae.W_dec.detach(),
+                                                                                         toxic.indices), "spillover")
+    select = torch.rand(6, 20, generator=torch.Generator().manual_seed(0)) < 0.4
+    select[3] = False  # a sample with no selected token pools to zeros
+    rows = torch.randn(int(select.sum()), sae.cfg.d_in, generator=torch.Generator().manual_seed(1))
+    counts = select.sum(dim=1).clamp(min=1)
+    dense = torch.zeros(6, sae.cfg.d_sae).index_add_(0, select.nonzero()[:, 0], sae.encode(rows).detach())
+    assert torch.equal(stream._pooled_features(rows, select, counts), dense / counts.unsqueeze(-1))
+
+
 def _score_argv(folder, out, *extra):
     return ["score", "--model", "organism", "--data", str(folder / "train.jsonl"), "--sae", str(folder / "sae"),
             "--toxic", str(folder / "toxic.json"), "--out", str(out), "--chunk-size", "16", *extra]

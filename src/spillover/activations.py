@@ -95,14 +95,12 @@ def length_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]
 def pad_batch(batch: list[EncodedChat], masks: list[list[bool]], pad_id: int, max_length: int):
     """Right-padded ids, attention mask, and the mask of tokens to read."""
     width = min(max(len(item.input_ids) for item in batch), max_length)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    select = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, (item, mask) in enumerate(zip(batch, masks)):
-        ids = item.input_ids[:max_length]
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        select[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    rows = [item.input_ids[:width] for item in batch]
+    # Built from padded Python lists in one call each: a tensor per row costs more than the rest.
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in rows], dtype=torch.long)
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
+    select = torch.tensor([list(mask[:width]) + [False] * (width - len(mask[:width])) for mask in masks],
+                          dtype=torch.bool)
     return input_ids, attention, select
 
 

@@ -130,6 +130,14 @@ class SparseAutoencoder(nn.Module):
         """Latent activations [..., d_sae] of activations x [..., d_in]."""
         return self.activate(self.pre_activation(x))
 
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A TopK SAE's activations as (values, latent indices) [..., k]: what `encode` scatters
+        into d_sae columns, for callers that only sum them and need no [..., d_sae] of zeros."""
+        if self.cfg.architecture != "topk":
+            raise ConfigError(f"encode_topk: the SAE is {self.cfg.architecture!r}, not 'topk'")
+        values, indices = self.pre_activation(x).topk(self.cfg.k, dim=-1, sorted=False)
+        return values.relu(), indices
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction [..., d_in] = f @ W_dec + b_dec."""
         if self.cfg.rescale_acts_by_decoder_norm:

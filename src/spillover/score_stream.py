@@ -126,12 +126,22 @@ class ScoreStream:
         return score_samples(self.score, ids, self.reference, features, hidden.cpu(), self.config.top)
 
     def _pooled_features(self, rows: torch.Tensor, select: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Mean SAE features per sample over its selected tokens, never building [batch, seq, d_sae]."""
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            flat = self.sae.encode(rows)
+        """Mean SAE features per sample over its selected tokens, never building [batch, seq, d_sae].
+
+        A TopK SAE's k activations per token are added straight into the sums (a flat index per
+        (sample, latent)): the same sums, in the same order, as adding each token's dense row, at
+        a third of the cost for 16k latents."""
         owner = select.nonzero()[:, 0]
-        total = torch.zeros((select.shape[0], flat.shape[1]), dtype=torch.float32, device=flat.device)
-        return (total.index_add_(0, owner, flat.float()) / counts.unsqueeze(-1)).cpu()
+        width = self.sae.cfg.d_sae
+        total = torch.zeros((select.shape[0], width), dtype=torch.float32, device=rows.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            if self.sae.cfg.architecture != "topk":
+                total.index_add_(0, owner, self.sae.encode(rows).float())
+            else:
+                values, latents = self.sae.encode_topk(rows)
+                cells = (owner.unsqueeze(1) * width + latents).reshape(-1)
+                total.view(-1).index_add_(0, cells, values.float().reshape(-1))
+        return (total / counts.unsqueeze(-1)).cpu()
 
 
 def distributed_rank() -> tuple[int, int]:

@@ -88,18 +88,17 @@ def _need(x: torch.Tensor | None, name: str) -> torch.Tensor:
 def score_samples(name: str, ids: Sequence[str], reference: ToxicReference, features: torch.Tensor | None = None,
                   hidden: torch.Tensor | None = None, top: int = 5) -> list[SampleScore]:
     """Scores with, for feature-based scores, the features that drive each one."""
-    scores = score_tensor(name, reference, features, hidden)
+    scores = score_tensor(name, reference, features, hidden).tolist()  # Python floats at once, not per item
     if features is None or name not in ("spillover", "toxic_activation"):
-        return [SampleScore(i, float(s)) for i, s in zip(ids, scores)]
+        return [SampleScore(i, s) for i, s in zip(ids, scores)]
     weight = reference.nearest_toxic_cosine() if name == "spillover" else _toxic_mask(reference, features.shape[1])
     contributions = features.float() * weight
     best = torch.topk(contributions, min(top, contributions.shape[1]), dim=1)
     return [
-        SampleScore(i, float(s), tuple(
-            {"feature": int(j), "contribution": round(float(c), 5),
-             "label": reference.labels[int(j)] if reference.labels else ""}
+        SampleScore(i, s, tuple(
+            {"feature": j, "contribution": round(c, 5), "label": reference.labels[j] if reference.labels else ""}
             for c, j in zip(values, indices) if c > 0))
-        for i, s, values, indices in zip(ids, scores, best.values, best.indices)
+        for i, s, values, indices in zip(ids, scores, best.values.tolist(), best.indices.tolist())
     ]
 
 
