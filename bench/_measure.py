@@ -40,7 +40,7 @@ def page_in(model) -> None:
     transformers maps a safetensors checkpoint into memory, so a weight's pages become resident
     (and count in RSS) only when first read. Scoring real text reads embedding rows token by token,
     so without this the peak grows with the vocabulary the samples use, not with the work: on
-    SmolLM2 that was all of the growth from 8 to 320 samples (file-backed pages the kernel can drop;
+    SmolLM2 that was all of the RSS growth over 320 samples (file-backed pages the kernel can drop;
     anonymous memory stayed within 3 MB)."""
     import torch
 

@@ -96,11 +96,11 @@ def pad_batch(batch: list[EncodedChat], masks: list[list[bool]], pad_id: int, ma
     """Right-padded ids, attention mask, and the mask of tokens to read."""
     width = min(max(len(item.input_ids) for item in batch), max_length)
     rows = [item.input_ids[:width] for item in batch]
+    reads = [list(mask[:width]) for mask in masks]
     # Built from padded Python lists in one call each: a tensor per row costs more than the rest.
     input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in rows], dtype=torch.long)
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
-    select = torch.tensor([list(mask[:width]) + [False] * (width - len(mask[:width])) for mask in masks],
-                          dtype=torch.bool)
+    select = torch.tensor([read + [False] * (width - len(read)) for read in reads], dtype=torch.bool)
     return input_ids, attention, select
 
 
