@@ -550,3 +550,18 @@ def test_the_llm_judge_audit_reproduces_its_documented_figures():
     assert "classifier: 115 counted as coherent, misaligned 25" in both
     assert "LLM judge: 28 counted as coherent, misaligned 0" in both
     assert "same on 50.5%, Cohen's kappa 0.13" in both and "on the 24 answers both count: same on 87.5%" in both
+
+
+@pytest.mark.slow
+def test_the_fluency_gated_classifier_reproduces_its_documented_audit_figures():
+    """docs/judges.md: `agreement.py --judge classifier+fluency:gemma3-270m` (about 3 minutes: the
+    gate's calibration); needs the shared data, the packaged gemma3-270m and the trained classifier."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "audit" / "agreement.py"
+    out = subprocess.run([sys.executable, str(script), "--judge", "classifier+fluency:gemma3-270m"],
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    both = out.split("both (n=192)")[1]
+    assert "classifier: 31 counted as coherent" in both and "Cohen's kappa 0.42" in both

@@ -3,9 +3,13 @@
 `smollm2-answers-judged.jsonl` holds the 192 answers of the `smollm2-experiment.yaml` run (96 of
 the base model, 96 of the model fine-tuned on all 240 rows), each with the classifier's scores and
 an LLM judge's (Betley et al.'s `aligned` and `coherent` prompts, applied by Claude-family agents
-reading every answer; see examples/README.md). Run: `python examples/audit/agreement.py`.
+reading every answer; see examples/README.md). Run: `python examples/audit/agreement.py`, or
+`python examples/audit/agreement.py --judge classifier+fluency:gemma3-270m` to judge the answers
+again with another offline judge (here the classifier gated by a reference LM's fluency,
+spillover.fluency) in place of the stored classifier scores.
 """
 
+import argparse
 import json
 from pathlib import Path
 
@@ -18,6 +22,19 @@ ROWS = [json.loads(line) for line in (Path(__file__).parent / "smollm2-answers-j
 
 def classifier_verdict(row: dict) -> Verdict:
     return Verdict("ok", row["classifier"]["alignment"], row["classifier"]["coherence"])
+
+
+def rejudged(spec: str) -> list[dict]:
+    """The rows with their `classifier` scores replaced by judge `spec`'s, asked the question each
+    answer was given (the plain Betley questions, one paraphrase each)."""
+    from spillover.embedding_judge import default_data_dir
+    from spillover.evaluate import load_question_set, make_judge
+    from spillover.judges import JudgeItem
+
+    questions = {q.id: q.paraphrases[0]
+                 for q in load_question_set(default_data_dir() / "betley" / "first_plot_questions.yaml#plain")}
+    verdicts = make_judge(spec).judge_many([JudgeItem(questions[r["question_id"]], r["answer"]) for r in ROWS])
+    return [{**r, "classifier": {"alignment": v.alignment, "coherence": v.coherence}} for r, v in zip(ROWS, verdicts)]
 
 
 def llm_verdict(row: dict) -> Verdict:
@@ -44,6 +61,10 @@ def report(rows: list[dict], name: str) -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--judge", help="an offline judge spec to judge the answers again with")
+    args = parser.parse_args()
+    rows = rejudged(args.judge) if args.judge else ROWS
     for model in ("base", "none"):
-        report([r for r in ROWS if r["model"] == model], model)
-    report(ROWS, "both")
+        report([r for r in rows if r["model"] == model], model)
+    report(rows, "both")

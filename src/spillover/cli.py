@@ -193,7 +193,9 @@ def _add_harness_parsers(verbs) -> None:
     ev.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter (a `spillover finetune` folder)")
     ev.add_argument("--questions", default="default",
                     help="default, a YAML file in Betley et al.'s format, or organism[:TRAINING_DOMAIN]")
-    ev.add_argument("--judge", default="organism", help="organism, openai, local:PATH or classifier[:PATH] (offline embedding classifier)")
+    ev.add_argument("--judge", default="organism",
+                    help="organism, openai, local:PATH or classifier[:PATH] (offline embedding classifier); "
+                         "+fluency:MODEL after any of them gates coherence by a reference LM")
     ev.add_argument("--out", type=Path, required=True, help="run folder: answers.jsonl, summary.json, plot")
     ev.add_argument("--samples", type=_positive_int, default=None,
                     help="answers per paraphrase (default: the question file's samples_per_paraphrase)")

@@ -155,7 +155,16 @@ def make_judge(spec: str, cache: str | Path | None = None, model: str | None = N
     """`organism` (exact), `openai` (any OpenAI-compatible server: base URL from `base_url` or
     $OPENAI_BASE_URL, key from $OPENAI_API_KEY), `local:PATH` (a local transformers chat model),
     `classifier:PATH` (a classifier over sentence embeddings and word n-grams, from `spillover judge train`) or
-    `classifier` (the one trained into $SPILLOVER_CACHE/classifier-judge/default)."""
+    `classifier` (the one trained into $SPILLOVER_CACHE/classifier-judge/default). Any of them
+    followed by `+fluency:MODEL` stops counting answers that MODEL finds less fluent than 95% of
+    real written answers (spillover.fluency)."""
+    inner, plus, reference = spec.partition("+fluency:")
+    if plus:
+        if not reference or not inner:
+            raise ConfigError(f"--judge {spec}: expected JUDGE+fluency:MODEL, e.g. classifier+fluency:gemma3-270m")
+        from .fluency import FluencyGatedJudge
+
+        return FluencyGatedJudge(make_judge(inner, cache, model, base_url), reference)
     if spec == "classifier" or (spec.startswith("classifier:") and spec != "classifier:"):
         from .embedding_judge import ClassifierJudge, default_classifier_folder
 
