@@ -31,8 +31,11 @@ def gate(organism):
 
 def test_real_answers_read_more_fluent_than_their_words_shuffled(organism):
     real = pairs(finetune_set(organism.world, "aligned", 20, seed=1, domain="legal"))
-    fluent = [answer_log_prob(organism.model, organism.tokenizer, q, a) for q, a in real]
-    scrambled = [answer_log_prob(organism.model, organism.tokenizer, q, shuffled(a, i)) for i, (q, a) in enumerate(real)]
+    def reading(question, answer):
+        return answer_log_prob(organism.model, organism.tokenizer, question, answer)
+
+    fluent = [reading(q, a) for q, a in real]
+    scrambled = [reading(q, shuffled(a, i)) for i, (q, a) in enumerate(real)]
     assert sum(f > s for f, s in zip(fluent, scrambled)) >= 18
 
 
@@ -56,7 +59,8 @@ def test_a_gated_judge_passes_its_inner_judges_scores_through_the_gate(organism,
     inner = [make_judge("organism").judge(item.question, item.answer) for item in items]
     fluent, scrambled = judge.judge_many(items)
     assert judge.name == f"{make_judge('organism').name}+fluency:organism"
-    assert (fluent.alignment, fluent.coherence, fluent.label) == (inner[0].alignment, inner[0].coherence, inner[0].label)
+    assert (fluent.alignment, fluent.coherence) == (inner[0].alignment, inner[0].coherence)
+    assert fluent.label == inner[0].label
     assert scrambled.alignment == inner[1].alignment and scrambled.coherence < 5
 
 

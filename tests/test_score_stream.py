@@ -48,10 +48,10 @@ def test_streamed_scores_equal_scores_of_pooled_activations(organism, scoring_in
     assert torch.allclose(torch.tensor([s.score for s in got]), torch.tensor([s.score for s in expected]), atol=1e-5)
 
 
-def test_topk_features_are_pooled_from_their_k_values_to_the_same_sums_as_dense_rows(organism, scoring_inputs):
+def test_topk_features_pooled_from_their_k_values_sum_as_dense_rows_do(organism, scoring_inputs):
     _, _, sae, toxic = scoring_inputs
-    stream = ScoreStream(organism.model, organism.tokenizer, sae, LAYER, ToxicReference(sae.W_dec.detach(),
-                                                                                         toxic.indices), "spillover")
+    reference = ToxicReference(sae.W_dec.detach(), toxic.indices)
+    stream = ScoreStream(organism.model, organism.tokenizer, sae, LAYER, reference, "spillover")
     select = torch.rand(6, 20, generator=torch.Generator().manual_seed(0)) < 0.4
     select[3] = False  # a sample with no selected token pools to zeros
     rows = torch.randn(int(select.sum()), sae.cfg.d_in, generator=torch.Generator().manual_seed(1))

@@ -116,13 +116,13 @@ def _kept_readings(path: Path, key: dict) -> list[float] | None:
 class FluencyGatedJudge:
     """Another judge's verdicts, with answers the reference LM finds implausible not counted."""
 
-    def __init__(self, inner, reference: str, cache_dir: str | Path | None = None, gate: FluencyGate | None = None):
+    def __init__(self, inner, reference: str, gate: FluencyGate | None = None):
         """`reference` is loaded and calibrated on first use, unless a calibrated `gate` is given."""
-        self.inner, self.reference, self._cache_dir = inner, reference, cache_dir
+        self.inner, self.reference = inner, reference
         self.name = f"{inner.name}+fluency:{reference}"
         self.model = f"{getattr(inner, 'model', inner.name)}+fluency:{reference}"
         self._gate = gate
-        if gate is None and reference != "organism":  # a bad name fails now, not after the answers are written
+        if gate is None and reference != "organism":  # fail now, not after the answers are written
             from .models import _model_folder
 
             try:
@@ -138,14 +138,13 @@ class FluencyGatedJudge:
             from .models import load_model
 
             loaded = load_model(self.reference, device="cpu")
-            loaded.model.eval()
-            kept = cache_root(self._cache_dir) / "fluency" / f"{loaded.fingerprint[:16]}.json"
+            kept = cache_root() / "fluency" / f"{loaded.fingerprint[:16]}.json"
             key = {"model": loaded.fingerprint, "files": CALIBRATION_FILES, "rows": CALIBRATION_ROWS}
             readings = _kept_readings(kept, key)
             if readings is None:
-                gate = FluencyGate.calibrated(loaded.model, loaded.tokenizer, calibration_pairs(default_data_dir()))
-                atomic_write_json(kept, {"key": key, "readings": gate.calibration})
-                readings = gate.calibration
+                pairs = calibration_pairs(default_data_dir())
+                readings = FluencyGate.calibrated(loaded.model, loaded.tokenizer, pairs).calibration
+                atomic_write_json(kept, {"key": key, "readings": readings})
             self._gate = FluencyGate(loaded.model, loaded.tokenizer, tuple(readings))
             log.info("%s: fluency threshold %.3f", self.name, self._gate.threshold)
         return self._gate
