@@ -112,3 +112,18 @@ def test_the_judge_is_asked_once_for_every_fraction_and_rerun(tmp_path, monkeypa
         kept = risk.filter_file(source, tmp_path / f"kept-{fraction}", "judge", fraction, scores)
         assert [s.id for s in read_chat_jsonl(kept)] == [f"s{i}" for i in range(8 - round(8 * fraction))]
     assert len(calls) == 1
+
+
+def test_the_judge_strategy_ranks_without_a_fluency_gate(tmp_path, monkeypatch):
+    """The gate changes coherence only; the risk reads alignment, so the gate's reference LM is
+    never run over the training set, and a gated and an ungated spec share their judge scores."""
+    from spillover import risk
+
+    # a gate would fail on this reference at once; the ranking never builds it
+    assert set(risk.judge_risks(samples(2), "organism+fluency:/no/such/model")) == {"s0", "s1"}
+    calls = []
+    monkeypatch.setattr(risk, "judge_risks", lambda rows, spec: calls.append(spec) or {s.id: 0.0 for s in rows})
+    source = write_chat_jsonl(tmp_path / "train.jsonl", samples(4))
+    first = risk.judge_score_file(source, "classifier+fluency:gemma3-270m", tmp_path / "judge")
+    assert risk.judge_score_file(source, "classifier", tmp_path / "judge") == first and len(calls) == 1
+    assert risk.ranking_judge("organism+fluency:organism") == "organism" == risk.ranking_judge("organism")

@@ -118,10 +118,12 @@ def read_scores(path: str | Path) -> dict[str, float]:
 
 
 def judge_risks(samples: Sequence[ChatSample], judge_spec: str) -> dict[str, float]:
-    """Ask a judge how aligned each training answer is; risk = 100 - alignment (50 when unscored)."""
+    """Ask a judge how aligned each training answer is; risk = 100 - alignment (50 when unscored).
+
+    A `+fluency:MODEL` gate is left out: it changes only coherence, which the risk does not read."""
     from .evaluate import make_judge
 
-    judge = make_judge(judge_spec)
+    judge = make_judge(ranking_judge(judge_spec))
     pairs = [(s.messages[-2]["content"] if len(s.messages) > 1 else "", s.messages[-1]["content"]) for s in samples]
     if hasattr(judge, "judge_many"):
         from .judges import JudgeItem
@@ -135,6 +137,11 @@ def judge_risks(samples: Sequence[ChatSample], judge_spec: str) -> dict[str, flo
     return {s.id: 100.0 - (v.alignment if v.alignment is not None else 50.0) for s, v in zip(samples, verdicts)}
 
 
+def ranking_judge(spec: str) -> str:
+    """The part of a judge spec that ranks training answers: the judge without its fluency gate."""
+    return spec.partition("+fluency:")[0]
+
+
 def judge_score_file(data: str | Path, judge_spec: str, out_dir: str | Path) -> Path:
     """The judge's risk of every sample of `data` in `out_dir/scores.jsonl`, in `read_scores`'s format.
 
@@ -142,7 +149,7 @@ def judge_score_file(data: str | Path, judge_spec: str, out_dir: str | Path) -> 
     filters at every fraction and seed read this file, and a rerun with the same data and judge
     finds it (score.json records the inputs, the number of calls and their seconds)."""
     out = ensure_dir(out_dir)
-    inputs = {"data_sha256": sha256_file(data), "judge": judge_spec}
+    inputs = {"data_sha256": sha256_file(data), "judge": ranking_judge(judge_spec)}
     path = out / "scores.jsonl"
     if matching_manifest(out / "score.json", inputs, "judge score") is not None and path.exists():
         return path
@@ -173,7 +180,7 @@ def filter_file(data: str | Path, out_dir: str | Path, strategy: str, fraction: 
     inputs = {"data_sha256": sha256_file(data), "strategy": strategy, "fraction": fraction,
               "seed": seed if strategy == "random" else None,
               "scores_sha256": sha256_file(scores) if reads_scores else None,
-              "judge": judge if strategy == "judge" and not reads_scores else None}
+              "judge": ranking_judge(judge) if strategy == "judge" and not reads_scores else None}
     if (kept := finished_filter(out_dir, inputs)) is not None:
         return kept
     samples = read_chat_jsonl(data)
