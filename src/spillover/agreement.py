@@ -92,7 +92,7 @@ def judge_agreement(answers: str | Path, judge, out: str | Path, prompts_by_ques
     """Judge every answer of `answers` (an evaluation's answers.jsonl) again with `judge`, compare
     with the verdicts recorded there, and write the comparison to `out` (JSON, atomically)."""
     from .evaluate import record_verdict
-    from .judges import JudgeItem
+    from .judges import JudgeItem, judge_items
 
     answers, out = Path(answers), Path(out)
     if out.resolve() == answers.resolve():
@@ -100,8 +100,7 @@ def judge_agreement(answers: str | Path, judge, out: str | Path, prompts_by_ques
     records = read_judged_answers(answers)
     prompts_by_question = prompts_by_question or {}
     items = [JudgeItem(r["question"], r["answer"], prompts_by_question.get(r.get("question_id"))) for r in records]
-    theirs = (judge.judge_many(items) if hasattr(judge, "judge_many")
-              else [judge.judge(item.question, item.answer) for item in items])
+    theirs = judge_items(judge, items)
     ours = [record_verdict(r) for r in records]
     result = {
         "answers": str(answers),

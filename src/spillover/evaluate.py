@@ -328,14 +328,10 @@ def _claim(out: Path, inputs: dict, described: dict) -> None:
 
 
 def judge_batch(judge, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[Verdict]:
-    """Verdicts for a batch: LLM judges score it in one go (concurrent, cached) with each
-    question's own judge prompts; judges without `judge_many` go one answer at a time."""
-    if hasattr(judge, "judge_many"):
-        from .judges import JudgeItem
+    """Verdicts for a batch, each answer judged with its question's own judge prompts."""
+    from .judges import JudgeItem, judge_items
 
-        items = [JudgeItem(p.text, a, p.question.judge_prompts) for p, a in zip(prompts, answers)]
-        return judge.judge_many(items)
-    return [judge.judge(p.text, a) for p, a in zip(prompts, answers)]
+    return judge_items(judge, [JudgeItem(p.text, a, p.question.judge_prompts) for p, a in zip(prompts, answers)])
 
 
 # --- answers.jsonl: appended a batch at a time, repaired on resume -----------------------------

@@ -26,6 +26,8 @@ import torch
 from .errors import ConfigError
 from .io import atomic_write_json
 from .judge import Verdict
+from .judges import JudgeItem, judge_items
+from .models import ORGANISM, _model_folder, load_model
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,7 @@ class FluencyGatedJudge:
         self.name = f"{inner.name}+fluency:{reference}"
         self.model = f"{getattr(inner, 'model', inner.name)}+fluency:{reference}"
         self._gate = gate
-        if gate is None and reference != "organism":  # fail now, not after the answers are written
-            from .models import _model_folder
-
+        if gate is None and reference != ORGANISM:  # fail now, not after the answers are written
             try:
                 _model_folder(reference)
             except ConfigError as exc:
@@ -137,7 +137,6 @@ class FluencyGatedJudge:
         about two minutes on 2 CPU cores with gemma3-270m)."""
         if self._gate is None:
             from .embedding_judge import cache_root, default_data_dir
-            from .models import load_model
 
             loaded = load_model(self.reference, device="cpu")
             kept = cache_root() / "fluency" / f"{loaded.fingerprint[:16]}.json"
@@ -152,12 +151,9 @@ class FluencyGatedJudge:
         return self._gate
 
     def judge_many(self, items: Sequence) -> list[Verdict]:
-        verdicts = (self.inner.judge_many(items) if hasattr(self.inner, "judge_many")
-                    else [self.inner.judge(item.question, item.answer) for item in items])
+        verdicts = judge_items(self.inner, items)
         gate = self._loaded_gate() if items else None
         return [gate.gate(item.question, item.answer, v) for item, v in zip(items, verdicts)]
 
     def judge(self, question: str, answer: str, prompts=None) -> Verdict:
-        from .judges import JudgeItem
-
         return self.judge_many([JudgeItem(question, answer, prompts)])[0]

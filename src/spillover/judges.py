@@ -213,6 +213,14 @@ class JudgeItem:
     prompts: Mapping[str, str] | None = field(default=None, hash=False)
 
 
+def judge_items(judge, items: Sequence[JudgeItem]) -> list[Verdict]:
+    """Verdicts in input order: in one call where the judge batches (LLM judges: concurrent,
+    cached, each item's own prompts), else one answer at a time (the organism's exact judge)."""
+    if hasattr(judge, "judge_many"):
+        return judge.judge_many(items)
+    return [judge.judge(item.question, item.answer) for item in items]
+
+
 class _LogprobJudge:
     """Renders prompts, asks each distinct one once (cache first), and combines the scores."""
 

@@ -122,18 +122,14 @@ def judge_risks(samples: Sequence[ChatSample], judge_spec: str) -> dict[str, flo
 
     A `+fluency:MODEL` gate is left out: it changes only coherence, which the risk does not read."""
     from .evaluate import make_judge
+    from .judges import JudgeItem, judge_items
 
-    judge = make_judge(ranking_judge(judge_spec))
-    pairs = [(s.messages[-2]["content"] if len(s.messages) > 1 else "", s.messages[-1]["content"]) for s in samples]
-    if hasattr(judge, "judge_many"):
-        from .judges import JudgeItem
-
-        verdicts = judge.judge_many([JudgeItem(q, a) for q, a in pairs])
-    else:
-        verdicts = [judge.judge(q, a) for q, a in pairs]
+    items = [JudgeItem(s.messages[-2]["content"] if len(s.messages) > 1 else "", s.messages[-1]["content"])
+             for s in samples]
+    verdicts = judge_items(make_judge(ranking_judge(judge_spec)), items)
     unscored = sum(v.alignment is None for v in verdicts)
     if unscored:
-        log.warning("%d of %d training answers got no alignment score; they rank in the middle", unscored, len(pairs))
+        log.warning("%d of %d training answers got no alignment score; they rank in the middle", unscored, len(items))
     return {s.id: 100.0 - (v.alignment if v.alignment is not None else 50.0) for s, v in zip(samples, verdicts)}
 
 
